@@ -1,0 +1,219 @@
+"""The local stack: a Prefect server on SQLite, the deployments of prefect.yaml,
+a process worker, and the lab of real targets.
+
+    python -m deployments.stack up|down|status
+
+Everything lives under the state dir (``RUNBOOKS_STATE_DIR``, default ``.state``);
+every process is stopped by the PID this module recorded when it started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from incident.settings import REPO_ROOT, get_settings
+
+WORK_POOL = "runbooks"
+DEFAULT_PORT = 4200
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_env(home: Path, api_url: str) -> dict[str, str]:
+    """Environment for every Prefect process of the stack (server, CLI, worker, tests)."""
+    settings = get_settings()
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "RUNBOOKS_STATE_DIR": str(settings.state_dir),
+        "RUNBOOKS_INVENTORY": str(settings.inventory_path),
+        "RUNBOOKS_PROJECT_DIR": str(REPO_ROOT),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], state: Path) -> int:
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    (state / "pids").mkdir(parents=True, exist_ok=True)
+    log = open(state / "logs" / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
+    (state / "pids" / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
+    """Stop a process this stack started (and its session), by PID: TERM, then KILL."""
+    if not _alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not _alive(pid):
+                return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_api(api_url: str, timeout_s: float = 120.0, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pid is not None and not _alive(pid):
+            raise StackError("the Prefect server exited while starting; see its log")
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"the Prefect API at {api_url} did not answer within {timeout_s:.0f} s")
+
+
+def start_prefect_server(home: Path, port: int, state: Path, ui: bool = True) -> tuple[int, str]:
+    """Start ``prefect server start`` on 127.0.0.1 (SQLite under ``home``); wait until healthy."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(home, api_url)
+    env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
+    pid = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
+                                    "--host", "127.0.0.1", "--port", str(port)], env, state)
+    wait_for_api(api_url, pid=pid)
+    return pid, api_url
+
+
+def prefect_cli(args: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise StackError(f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def deploy_all(env: dict[str, str]) -> None:
+    """Create the work pool and register every deployment of prefect.yaml."""
+    prefect_cli(["work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env)
+
+
+def start_worker(env: dict[str, str], state: Path) -> int:
+    return _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start",
+                                     "--pool", WORK_POOL, "--type", "process"], env, state)
+
+
+# -- CLI ------------------------------------------------------------------------------
+def _pid(state: Path, name: str) -> int | None:
+    f = state / "pids" / f"{name}.pid"
+    return int(f.read_text()) if f.exists() else None
+
+
+def up() -> None:
+    from lab import Lab
+
+    settings = get_settings()
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    print("lab: starting dockerd, PostgreSQL, Redis, sshd and the web container ...", flush=True)
+    lab = Lab(settings.lab_dir)
+    lab.up()
+    home = state / "prefect"
+    api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
+    server = _pid(state, "prefect-server")
+    if server and _alive(server):
+        wait_for_api(api_url, pid=server)
+    else:
+        print(f"prefect: starting the server on 127.0.0.1:{DEFAULT_PORT} (SQLite in {home}) ...",
+              flush=True)
+        server, api_url = start_prefect_server(home, DEFAULT_PORT, state)
+    env = prefect_env(home, api_url)
+    print("prefect: registering the deployments of prefect.yaml ...", flush=True)
+    deploy_all(env)
+    worker = _pid(state, "prefect-worker")
+    if not (worker and _alive(worker)):
+        worker = start_worker(env, state)
+    info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url,
+            "inventory": str(settings.inventory_path), "lab": lab.info.model_dump(mode="json")}
+    (state / "stack.json").write_text(json.dumps(info, indent=2))
+    print(f"""
+Up.
+  Prefect UI     {info['ui']}   (deployments: service-down/service-down)
+  Prefect API    {api_url}
+  inventory      {settings.inventory_path}
+  target health  {lab.info.health_url}
+  logs           {state / 'logs'} and {settings.lab_dir / 'logs'}
+Try: break the target with `.venv/bin/python -m lab kill-web`, then run the deployment
+from the UI (or `PREFECT_API_URL={api_url} .venv/bin/prefect deployment run service-down/service-down`).
+Stop everything with `make down`.""")
+
+
+def down() -> None:
+    from lab import Lab
+
+    settings = get_settings()
+    state = settings.state_dir
+    for name in ("prefect-worker", "prefect-server"):
+        pid = _pid(state, name)
+        if pid:
+            stop_pid(pid)
+            (state / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    Lab(settings.lab_dir).down()
+    print("down: stopped the worker, the Prefect server and the lab")
+
+
+def status() -> None:
+    from lab import Lab
+
+    settings = get_settings()
+    for name in ("prefect-server", "prefect-worker"):
+        pid = _pid(settings.state_dir, name)
+        print(f"{name:16} {'up (pid %d)' % pid if pid and _alive(pid) else 'down'}")
+    for name, st in Lab(settings.lab_dir).status().items():
+        print(f"{name:16} {st}")
+
+
+if __name__ == "__main__":
+    commands = {"up": up, "down": down, "status": status}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python -m deployments.stack {{{'|'.join(commands)}}}")
+    try:
+        commands[sys.argv[1]]()
+    except StackError as exc:
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,164 @@
+"""Runbook: service down (a service's health check fails; its container is not running).
+
+Automates these hand-written steps from ../shared/runbooks/:
+- 001 "Service Outage": 1. check if the service is running, 2. check recent logs,
+  3. restart, 4. if restart fails check env / database / disk / memory,
+  5. if the issue persists, roll back to the last known good version.
+- 002 "Scenario: API Unavailable": `docker-compose ps`, `docker-compose logs`,
+  causes (crashed, DB connection, OOM), `docker-compose restart`; P0 timeline
+  (alert, assess, contain, diagnose, fix, verify).
+- 003 "System Completely Down": processes, ports, resources (`df -h`, `free -h`),
+  emergency restart, verify recovery with the health endpoints.
+
+Phases: diagnose (health, container state/exit code/OOM/restarts, last log lines,
+dependencies, host disk and memory) -> contain (record, P0 when down) -> fix
+(restart - approval gate; if not healthy by the deadline, roll back to the previous
+image - approval gate, destructive) -> verify (N consecutive healthy probes within
+a deadline, else escalate and fail saying what was seen).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.states import State
+
+from incident.approval import ActionPlan, request_approval
+from incident.errors import VerificationFailedError
+from incident.escalation import escalate
+from incident.inventory import Target, load_target
+from incident.record import Incident, Trigger, open_incident
+from tasks.containers import ContainerState, inspect_container, read_container_logs
+from tasks.containers import restart_container, rollback_container
+from tasks.dependencies import check_postgres, check_redis
+from tasks.http_checks import HealthProbe, probe_health, wait_until_healthy
+from tasks.ssh_hosts import read_host_resources
+
+SCENARIO = "service-down"
+
+
+@flow(name=SCENARIO, log_prints=False)
+def service_down(
+    target: str = "web",
+    dry_run: bool = False,
+    trigger: Trigger | None = None,
+    incident_id: str | None = None,
+    restart_deadline_s: int = 30,
+    healthy_probes: int = 3,
+    verify_deadline_s: int = 60,
+) -> State:
+    """Bring a down service back: restart, then roll back if needed, and prove it healthy.
+
+    Args:
+        target: service name in the inventory.
+        dry_run: diagnose and show the plan; change nothing.
+        trigger: the alert or person that started the run (kept in the record).
+        incident_id: set by the alert gateway; generated when empty.
+        restart_deadline_s: how long a restarted service has to become healthy before rollback.
+        healthy_probes: consecutive good health probes that count as recovered.
+        verify_deadline_s: how long verification may take before the run escalates.
+    """
+    service = load_target(target)
+    incident = open_incident(SCENARIO, service, trigger, incident_id, dry_run)
+
+    # 1. Diagnose
+    health, container = diagnose(incident, service)
+    if health.healthy:
+        return incident.close("already fine", f"{health.describe()}; nothing to do")
+
+    # 2. Contain
+    incident.enter("contain", "service is down")
+    incident.set_severity(service.service.severity_down, f"{service.name} health check fails")
+    if container.running:
+        return escalate_and_fail(incident, "the container runs but the service is unhealthy; "
+                                 "a restart is not this runbook's fix - see the findings")
+
+    # 3. Fix: restart, then roll back if the restart does not heal it
+    incident.enter("fix", "restart the container (runbook step 3)")
+    restart = plan_restart(service, container)
+    decision = request_approval(incident, restart, service)
+    if not decision.approved:
+        return close_unapproved(incident, decision.record.decision, restart)
+    result = restart_container(service)
+    incident.action(result.action, result.target, result.changed, result.detail)
+    recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s)
+    incident.note("fix", f"after restart: {recovered.describe()}")
+
+    if not recovered.healthy:
+        state = inspect_container(service)
+        logs = read_container_logs(service, lines=10)
+        incident.finding("after restart", False, f"{state.describe()}; last log: "
+                         + (" | ".join(logs[-3:]) or "(empty)"))
+        rollback = plan_rollback(service, state)
+        decision = request_approval(incident, rollback, service)
+        if not decision.approved:
+            return close_unapproved(incident, decision.record.decision, rollback)
+        result = rollback_container(service, expected_from=state.image)
+        incident.action(result.action, result.target, result.changed, result.detail)
+
+    # 4. Verify
+    incident.enter("verify", f"{healthy_probes} consecutive healthy probes within {verify_deadline_s} s")
+    streak = wait_until_healthy(service, consecutive=healthy_probes, deadline_s=verify_deadline_s)
+    incident.verified(streak.describe())
+    if not streak.healthy:
+        return escalate_and_fail(incident, f"not healthy after remediation: {streak.describe()}")
+    return incident.close("resolved", f"{service.name} healthy again ({streak.describe()})")
+
+
+def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, ContainerState]:
+    """Runbook steps 1, 2 and 4: is it up, what does the container say, deps, resources."""
+    incident.enter("diagnose", f"checking {service.name}")
+    health = probe_health(service)
+    incident.finding("health", health.healthy, health.describe())
+    container = inspect_container(service)
+    incident.finding("container", container.running, container.describe())
+    if not container.running or container.restart_count:
+        logs = read_container_logs(service, lines=20)
+        errors = [line for line in logs if any(w in line.lower() for w in ("fatal", "error", "panic"))]
+        incident.finding("logs", not errors, " | ".join((errors or logs)[-5:]) or "(no log lines)")
+    for dep in (check_postgres(service), check_redis(service)):
+        if dep is not None:
+            incident.finding(dep.name, dep.ok, f"{dep.address}: {dep.detail}")
+    if service.ssh is not None:
+        resources = read_host_resources(service)
+        tight = [d for d in resources.disks if d.used_percent >= 90]
+        incident.finding("host resources", not tight, resources.describe())
+    return health, container
+
+
+def plan_restart(service: Target, container: ContainerState) -> ActionPlan:
+    return ActionPlan(
+        action="restart_container",
+        target=container.name,
+        runs=f"docker restart {container.name}",
+        expected_effect=f"{container.name} ({container.image}) starts again and {service.service.health_url} answers 200",
+        undo=f"docker stop {container.name} (it was already down)",
+        destructive=False,
+    )
+
+
+def plan_rollback(service: Target, container: ContainerState) -> ActionPlan:
+    previous = container.previous_image or "(none recorded)"
+    return ActionPlan(
+        action="rollback_container",
+        target=container.name,
+        runs=f"recreate {container.name} from {previous} (replacing {container.image})",
+        expected_effect=f"{container.name} runs {previous} and {service.service.health_url} answers 200",
+        undo=f"roll forward: recreate {container.name} from {container.image}",
+        destructive=True,
+    )
+
+
+def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
+    if decision == "dry run":
+        return incident.close("dry run", f"would run {plan.action}: {plan.runs}; nothing changed")
+    return incident.close("not approved", f"{plan.action} was {decision}; nothing changed")
+
+
+def escalate_and_fail(incident: Incident, why: str) -> State:
+    escalate(incident, why)
+    incident.fail(why)
+    rec = incident.record
+    raise VerificationFailedError(
+        rec.target, why, "the service healthy", f"a human must take over incident {rec.incident_id}; "
+        "the report artifact has the findings and timeline",
+    )

@@ -1,0 +1,239 @@
+"""The inventory: the services a team runs and the systems behind them.
+
+A YAML file validated by these models. Secrets are references, never values:
+``env:NAME`` (an environment variable), ``file:/path`` (a file only the
+runner can read, e.g. a mounted secret) or ``prefect-secret:block-name``.
+
+    docker_hosts:
+      lab: {base_url: "unix:///path/docker.sock"}
+    ssh_hosts:
+      lab: {hostname: 127.0.0.1, port: 2222, username: root,
+            key_file: /path/id_ed25519, known_hosts: /path/known_hosts}
+    databases:
+      lab: {host: 127.0.0.1, port: 55432, dbname: app, user: app, password: "file:/path/pg_password"}
+    redis:
+      lab: {host: 127.0.0.1, port: 56379}
+    services:
+      web:
+        environment: lab
+        owner: sre
+        health_url: http://127.0.0.1:18080/health
+        container: lab-web
+        docker_host: lab
+        ssh_host: lab
+        database: lab
+        redis: lab
+        stateless: true
+        severity_down: P0
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from incident.errors import ConfigurationError, SecretUnavailableError, UnknownTargetError
+from incident.settings import get_settings
+
+
+class Severity(str, Enum):
+    """P0 critical (production down) .. P3 low, as in the runbooks."""
+
+    P0 = "P0"
+    P1 = "P1"
+    P2 = "P2"
+    P3 = "P3"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """A pointer to a secret. ``str()`` shows the reference, never the value."""
+
+    ref: str = Field(pattern=r"^(env|file|prefect-secret):.+$")
+
+    def __str__(self) -> str:
+        return self.ref
+
+    def resolve(self) -> SecretStr:
+        kind, _, name = self.ref.partition(":")
+        if kind == "env":
+            value = os.environ.get(name)
+            if value is None:
+                raise SecretUnavailableError(
+                    self.ref, "environment variable not set", "it to hold the secret",
+                    f"export {name} in the environment of the Prefect worker/runner",
+                )
+            return SecretStr(value)
+        if kind == "file":
+            try:
+                return SecretStr(Path(name).read_text().strip())
+            except OSError as exc:
+                raise SecretUnavailableError(
+                    self.ref, f"file not readable ({exc.strerror})", "a readable secret file",
+                    "check the path and permissions of the secret file",
+                ) from None
+        from prefect.blocks.system import Secret  # imported late: needs a Prefect API
+
+        try:
+            return SecretStr(str(Secret.load(name).get()))
+        except (ValueError, RuntimeError) as exc:
+            raise SecretUnavailableError(
+                self.ref, f"Prefect Secret block not loadable ({type(exc).__name__})",
+                "a Secret block of that name", f"create it: Secret(value=...).save('{name}')",
+            ) from None
+
+
+def _secret(v: object) -> object:
+    return {"ref": v} if isinstance(v, str) else v
+
+
+class DockerHost(_Model):
+    base_url: str = Field(description="Docker engine address: unix:///path.sock or tcp://host:port")
+    timeout_s: float = 10.0
+
+
+class SshHost(_Model):
+    hostname: str
+    port: int = 22
+    username: str
+    key_file: Path
+    known_hosts: Path = Field(description="Pinned host keys; unknown or changed keys are refused")
+    timeout_s: float = 10.0
+
+
+class Database(_Model):
+    host: str
+    port: int = 5432
+    dbname: str
+    user: str
+    password: SecretRef | None = None
+    connect_timeout_s: int = 5
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_secret(cls, data: dict) -> dict:
+        if isinstance(data, dict) and "password" in data:
+            data = {**data, "password": _secret(data["password"])}
+        return data
+
+
+class RedisInstance(_Model):
+    host: str
+    port: int = 6379
+    password: SecretRef | None = None
+    timeout_s: float = 5.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_secret(cls, data: dict) -> dict:
+        if isinstance(data, dict) and "password" in data:
+            data = {**data, "password": _secret(data["password"])}
+        return data
+
+
+class Service(_Model):
+    environment: str = Field(description="production, staging, lab, drill ...")
+    owner: str
+    health_url: str
+    container: str | None = None
+    docker_host: str | None = None
+    ssh_host: str | None = None
+    database: str | None = None
+    redis: str | None = None
+    stateless: bool = Field(False, description="Safe to restart without losing data")
+    severity_down: Severity = Severity.P0
+    severity_degraded: Severity = Severity.P2
+
+
+class Target(_Model):
+    """One service with every system behind it resolved: what tasks receive."""
+
+    name: str
+    service: Service
+    docker: DockerHost | None = None
+    ssh: SshHost | None = None
+    database: Database | None = None
+    redis: RedisInstance | None = None
+
+
+class Inventory(_Model):
+    docker_hosts: dict[str, DockerHost] = {}
+    ssh_hosts: dict[str, SshHost] = {}
+    databases: dict[str, Database] = {}
+    redis: dict[str, RedisInstance] = {}
+    services: dict[str, Service] = {}
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Inventory":
+        refs: list[tuple[str, str | None, dict, str]] = []
+        for name, svc in self.services.items():
+            refs += [
+                (name, svc.docker_host, self.docker_hosts, "docker_hosts"),
+                (name, svc.ssh_host, self.ssh_hosts, "ssh_hosts"),
+                (name, svc.database, self.databases, "databases"),
+                (name, svc.redis, self.redis, "redis"),
+            ]
+            if svc.container and not svc.docker_host:
+                raise ValueError(f"service {name!r} names a container but no docker_host")
+        for name, ref, table, section in refs:
+            if ref is not None and ref not in table:
+                raise ValueError(f"service {name!r} refers to {section}.{ref}, which is not defined")
+        return self
+
+    def target(self, name: str) -> Target:
+        try:
+            svc = self.services[name]
+        except KeyError:
+            known = ", ".join(sorted(self.services)) or "(none)"
+            raise UnknownTargetError(
+                name, "no such service in the inventory", f"one of: {known}",
+                "pick a listed service, or add it to the inventory file",
+            ) from None
+        return Target(
+            name=name,
+            service=svc,
+            docker=self.docker_hosts.get(svc.docker_host) if svc.docker_host else None,
+            ssh=self.ssh_hosts.get(svc.ssh_host) if svc.ssh_host else None,
+            database=self.databases.get(svc.database) if svc.database else None,
+            redis=self.redis.get(svc.redis) if svc.redis else None,
+        )
+
+
+def load_inventory(path: Path | None = None) -> Inventory:
+    path = path or get_settings().inventory_path
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigurationError(
+            str(path), "inventory file does not exist", "a YAML inventory",
+            "start the lab (`make up`) or set RUNBOOKS_INVENTORY to your inventory file",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(
+            str(path), f"invalid YAML ({exc.__class__.__name__})", "a YAML inventory",
+            "fix the syntax of the inventory file",
+        ) from None
+    try:
+        return Inventory.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigurationError(
+            str(path), problems, "a valid inventory", "fix the listed fields of the inventory file"
+        ) from None
+
+
+def load_target(name: str, path: Path | None = None) -> Target:
+    return load_inventory(path).target(name)
+
+
+EnvironmentKind = Literal["production", "staging", "lab", "drill"]

@@ -1,0 +1,292 @@
+"""The incident record: the flow run *is* the incident.
+
+``open_incident`` names the run (incident id, scenario, target), tags it
+(severity, scenario, service, environment) and keeps a markdown report artifact,
+keyed per incident, current as the flow moves through its phases. The report
+ends with a post-mortem skeleton following the runbooks' post-incident template.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+from pydantic import BaseModel, Field
+
+from incident.inventory import Severity, Target
+
+Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
+Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
+                  "escalated"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Trigger(BaseModel):
+    """What started the run: an alert, a person, a drill or a schedule."""
+
+    kind: Literal["manual", "alert", "drill", "schedule"] = "manual"
+    source: str | None = Field(None, description="alertmanager, grafana, sentry, ... or a user")
+    summary: str | None = None
+    fingerprint: str | None = None
+    fired_at: datetime | None = None
+    labels: dict[str, str] = {}
+    links: list[str] = []
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    phase: Phase
+    event: str
+
+
+class Finding(BaseModel):
+    at: datetime
+    check: str
+    ok: bool
+    detail: str
+
+
+class ActionTaken(BaseModel):
+    at: datetime
+    action: str
+    target: str
+    changed: bool
+    detail: str
+
+
+class ApprovalRecord(BaseModel):
+    at: datetime
+    action: str
+    decision: Literal["approved", "rejected", "timed out", "dry run"]
+    by: str = Field(description="'human' (with the reason given), 'policy:<name>' or 'dry run'")
+    reason: str | None = None
+
+
+class IncidentRecord(BaseModel):
+    incident_id: str
+    scenario: str
+    target: str
+    environment: str
+    severity: Severity
+    dry_run: bool
+    trigger: Trigger
+    opened_at: datetime
+    closed_at: datetime | None = None
+    outcome: Outcome = "open"
+    summary: str = ""
+    timeline: list[TimelineEntry] = []
+    findings: list[Finding] = []
+    actions: list[ActionTaken] = []
+    approvals: list[ApprovalRecord] = []
+    verification: str | None = None
+    escalations: list[str] = []
+
+    @property
+    def artifact_key(self) -> str:
+        return "incident-" + "".join(c if c.isalnum() else "-" for c in self.incident_id.lower())
+
+
+def new_incident_id(at: datetime | None = None) -> str:
+    """INC-YYYYMMDD-<8 hex of the flow run id>: unique and findable in the UI."""
+    at = at or _now()
+    run_id = flow_run.get_id()
+    suffix = str(run_id).replace("-", "")[:8] if run_id else at.strftime("%H%M%S")
+    return f"INC-{at:%Y%m%d}-{suffix}"
+
+
+class Incident:
+    """The live incident of one flow run. Every method updates the report artifact."""
+
+    def __init__(self, record: IncidentRecord) -> None:
+        self.record = record
+        self._logger = get_run_logger()
+
+    # -- recording -------------------------------------------------------------------
+    def enter(self, phase: Phase, event: str) -> None:
+        self._log(phase, event)
+
+    def note(self, phase: Phase, event: str) -> None:
+        self._log(phase, event)
+
+    def finding(self, check: str, ok: bool, detail: str) -> None:
+        self.record.findings.append(Finding(at=_now(), check=check, ok=ok, detail=detail))
+        self._logger.info("finding %s: %s - %s", check, "ok" if ok else "PROBLEM", detail)
+
+    def action(self, action: str, target: str, changed: bool, detail: str) -> None:
+        self.record.actions.append(
+            ActionTaken(at=_now(), action=action, target=target, changed=changed, detail=detail)
+        )
+        self._log("fix", f"{action} on {target}: {detail}")
+
+    def approval(self, entry: ApprovalRecord) -> None:
+        self.record.approvals.append(entry)
+        who = entry.by + (f" ({entry.reason})" if entry.reason else "")
+        self._log("fix", f"approval for {entry.action}: {entry.decision} by {who}")
+
+    def escalated(self, reason: str) -> None:
+        self.record.escalations.append(reason)
+        self._log(self.record.timeline[-1].phase if self.record.timeline else "detect",
+                  f"escalated to humans: {reason}")
+
+    def set_severity(self, severity: Severity, why: str) -> None:
+        self.record.severity = severity
+        _set_run(tags=self.tags)
+        self._log("contain", f"severity {severity.value}: {why}")
+
+    def verified(self, detail: str) -> None:
+        self.record.verification = detail
+        self._log("verify", detail)
+
+    # -- closing ---------------------------------------------------------------------
+    def close(self, outcome: Outcome, summary: str) -> State:
+        """End the incident; the returned state is what the flow returns."""
+        self.record.outcome = outcome
+        self.record.summary = summary
+        self.record.closed_at = _now()
+        self._log("close", f"{outcome}: {summary}")
+        _set_run(tags=self.tags)
+        return Completed(name=outcome.title() if outcome != "resolved" else "Completed",
+                         message=f"{self.record.incident_id} {outcome}: {summary}")
+
+    def fail(self, summary: str) -> None:
+        """Mark the record failed before the flow raises (the run ends Failed)."""
+        self.record.outcome = "failed"
+        self.record.summary = summary
+        self.record.closed_at = _now()
+        self._log("close", f"failed: {summary}")
+        _set_run(tags=self.tags)
+
+    # -- presentation ----------------------------------------------------------------
+    @property
+    def tags(self) -> list[str]:
+        r = self.record
+        tags = [f"incident:{r.incident_id}", f"severity:{r.severity.value}",
+                f"scenario:{r.scenario}", f"service:{r.target}", f"env:{r.environment}"]
+        if r.dry_run:
+            tags.append("dry-run")
+        if r.outcome != "open":
+            tags.append(f"outcome:{r.outcome.replace(' ', '-')}")
+        return tags
+
+    def _log(self, phase: Phase, event: str) -> None:
+        self.record.timeline.append(TimelineEntry(at=_now(), phase=phase, event=event))
+        self._logger.info("[%s] %s", phase, event)
+        self.publish()
+
+    def publish(self) -> None:
+        create_markdown_artifact(
+            markdown=render_report(self.record),
+            key=self.record.artifact_key,
+            description=f"Incident report {self.record.incident_id} ({self.record.scenario} on "
+                        f"{self.record.target}): {self.record.outcome}",
+        )
+
+
+def _set_run(name: str | None = None, tags: list[str] | None = None) -> None:
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run_id, name=name, tags=tags)
+
+
+def open_incident(
+    scenario: str,
+    target: Target,
+    trigger: Trigger | None,
+    incident_id: str | None,
+    dry_run: bool,
+) -> Incident:
+    """Start the record: names and tags the flow run, publishes the first report."""
+    trigger = trigger or Trigger()
+    record = IncidentRecord(
+        incident_id=incident_id or new_incident_id(),
+        scenario=scenario,
+        target=target.name,
+        environment=target.service.environment,
+        severity=target.service.severity_degraded,
+        dry_run=dry_run,
+        trigger=trigger,
+        opened_at=_now(),
+    )
+    incident = Incident(record)
+    _set_run(name=f"{record.incident_id} {scenario} {target.name}", tags=incident.tags)
+    what = trigger.summary or f"{scenario} runbook started for {target.name}"
+    incident.enter("detect", f"{trigger.kind} trigger ({trigger.source or 'n/a'}): {what}"
+                   + (" [DRY RUN: nothing will be changed]" if dry_run else ""))
+    return incident
+
+
+# -- the report ----------------------------------------------------------------------------
+def _t(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC") if at else "-"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(r: IncidentRecord) -> str:
+    duration = (r.closed_at or _now()) - r.opened_at
+    lines = [
+        f"# Incident {r.incident_id}: {r.scenario} on {r.target}",
+        "",
+        f"**Status:** {r.outcome}{' (DRY RUN)' if r.dry_run else ''}  ",
+        f"**Severity:** {r.severity.value}  **Environment:** {r.environment}  ",
+        f"**Opened:** {_t(r.opened_at)}  **Closed:** {_t(r.closed_at)}  "
+        f"**Duration:** {int(duration.total_seconds())} s",
+        "",
+        "## Trigger",
+        f"- kind: {r.trigger.kind}; source: {r.trigger.source or '-'}",
+        f"- summary: {r.trigger.summary or '-'}",
+    ]
+    if r.trigger.fingerprint:
+        lines.append(f"- fingerprint: `{r.trigger.fingerprint}`; fired at {_t(r.trigger.fired_at)}")
+    for link in r.trigger.links:
+        lines.append(f"- link: {link}")
+    lines += ["", "## Timeline", "", "| Time (UTC) | Phase | Event |", "|---|---|---|"]
+    lines += [f"| {e.at:%H:%M:%S} | {e.phase} | {_cell(e.event)} |" for e in r.timeline]
+    lines += ["", "## Findings", "", "| Check | Result | Detail |", "|---|---|---|"]
+    lines += [f"| {f.check} | {'ok' if f.ok else '**problem**'} | {_cell(f.detail)} |"
+              for f in r.findings] or ["| - | - | - |"]
+    lines += ["", "## Approvals", "", "| Time | Action | Decision | By | Reason |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {a.at:%H:%M:%S} | {a.action} | {a.decision} | {a.by} | {_cell(a.reason or '-')} |"
+              for a in r.approvals] or ["| - | - | none needed | - | - |"]
+    lines += ["", "## Actions taken", "", "| Time | Action | Target | Changed | Detail |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {a.at:%H:%M:%S} | {a.action} | {a.target} | {'yes' if a.changed else 'no'} | "
+              f"{_cell(a.detail)} |" for a in r.actions] or ["| - | none | - | - | - |"]
+    lines += ["", "## Verification", "", r.verification or "_not run yet_"]
+    if r.escalations:
+        lines += ["", "## Escalations", ""] + [f"- {e}" for e in r.escalations]
+    problems = [f for f in r.findings if not f.ok]
+    lines += [
+        "", "---", "", "# Post-Incident Report (skeleton)", "",
+        "## Incident Summary", "",
+        f"- **Incident ID**: {r.incident_id}",
+        f"- **Severity**: {r.severity.value}",
+        f"- **Duration**: {int(duration.total_seconds())} s",
+        f"- **Impact**: {r.target} ({r.environment}) - _fill in users/services affected_",
+        f"- **Root Cause**: _to be confirmed_; automated findings: "
+        + ("; ".join(_cell(f.detail) for f in problems[:3]) or "none"),
+        f"- **Outcome**: {r.outcome} - {r.summary or 'in progress'}",
+        "", "## Timeline", "", "| Time (UTC) | Event |", "|---|---|",
+    ]
+    lines += [f"| {e.at:%H:%M:%S} | {_cell(e.event)} |" for e in r.timeline]
+    lines += [
+        "", "## Root Cause", "", "_Detailed explanation of what caused the incident._", "",
+        "## Impact", "", "- **Users Affected**:", f"- **Services Affected**: {r.target}",
+        "- **Data Loss**:", "", "## Response", "", "### What Went Well", "", "- ", "",
+        "### What Could Be Improved", "", "- ", "", "## Action Items", "",
+        "| Action | Owner | Deadline | Status |", "|---|---|---|---|", "| | | | [ ] |", "",
+    ]
+    return "\n".join(lines)

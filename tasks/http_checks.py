@@ -1,0 +1,98 @@
+"""HTTP probes: is the service answering, and does it stay healthy?
+
+A probe never raises because the service is down: "down" is an observation the
+flow records and acts on. Only a probe that cannot be made at all (bad URL) raises.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from incident.errors import ConfigurationError
+from incident.inventory import Target
+from incident.settings import get_settings
+
+
+class HealthProbe(BaseModel):
+    url: str
+    at: datetime
+    healthy: bool
+    status_code: int | None = None
+    body: str = ""
+    error: str | None = None
+
+    def describe(self) -> str:
+        if self.error:
+            return f"{self.url} did not answer ({self.error})"
+        return f"{self.url} answered {self.status_code}: {self.body[:200]}"
+
+
+class HealthStreak(BaseModel):
+    """Result of waiting for N consecutive healthy probes within a deadline."""
+
+    healthy: bool
+    consecutive: int
+    required: int
+    probes: int
+    last: HealthProbe
+
+    def describe(self) -> str:
+        verdict = "healthy" if self.healthy else "NOT healthy"
+        return (
+            f"{verdict}: {self.consecutive}/{self.required} consecutive good probes "
+            f"after {self.probes} probes; last: {self.last.describe()}"
+        )
+
+
+def check_health(url: str, timeout_s: float | None = None) -> HealthProbe:
+    """One GET of the health URL with an explicit timeout (plain function, used by tasks)."""
+    timeout = httpx.Timeout(timeout_s or get_settings().http_timeout_s)
+    now = datetime.now(timezone.utc)
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=False)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise ConfigurationError(
+            url, f"invalid health URL ({exc})", "an http(s) URL", "fix health_url in the inventory"
+        ) from None
+    except httpx.TransportError as exc:
+        return HealthProbe(url=url, at=now, healthy=False, error=f"{type(exc).__name__}: {exc}")
+    return HealthProbe(
+        url=url,
+        at=now,
+        healthy=response.status_code == 200,
+        status_code=response.status_code,
+        body=response.text[:1000],
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def probe_health(target: Target) -> HealthProbe:
+    """Runbook: "check the health endpoint" (curl /health)."""
+    return check_health(target.service.health_url)
+
+
+@task(cache_policy=NO_CACHE)
+def wait_until_healthy(
+    target: Target, consecutive: int = 3, deadline_s: float = 30.0, interval_s: float = 1.0
+) -> HealthStreak:
+    """Probe until ``consecutive`` good answers in a row, or the deadline passes."""
+    url = target.service.health_url
+    deadline = time.monotonic() + deadline_s
+    streak = probes = 0
+    while True:
+        last = check_health(url)
+        probes += 1
+        streak = streak + 1 if last.healthy else 0
+        if streak >= consecutive or time.monotonic() >= deadline:
+            break
+        time.sleep(interval_s)
+    return HealthStreak(
+        healthy=streak >= consecutive, consecutive=streak, required=consecutive,
+        probes=probes, last=last,
+    )

@@ -1,0 +1,63 @@
+"""Shared fixtures: one real Prefect server and one real lab for the whole test run.
+
+The environment is set here, before anything imports Prefect, so that every flow run
+(also those started in threads by the tests) talks to the test server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from incident.settings import REPO_ROOT
+
+(REPO_ROOT / ".state").mkdir(exist_ok=True)
+_STATE = Path(tempfile.mkdtemp(prefix="t", dir=REPO_ROOT / ".state"))
+os.environ["RUNBOOKS_STATE_DIR"] = str(_STATE)
+os.environ["RUNBOOKS_INVENTORY"] = str(_STATE / "lab" / "inventory.yaml")
+os.environ["RUNBOOKS_APPROVAL_POLL_S"] = "1"
+
+from deployments.stack import free_port, prefect_env, start_prefect_server, stop_pid  # noqa: E402
+
+_PORT = free_port()
+os.environ.update(prefect_env(_STATE / "prefect", f"http://127.0.0.1:{_PORT}/api"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Path:
+    return _STATE
+
+
+@pytest.fixture(scope="session")
+def prefect_api(state_dir: Path):
+    """A real Prefect server (SQLite) on loopback, shared by every test."""
+    pid, api_url = start_prefect_server(state_dir / "prefect", _PORT, state_dir, ui=False)
+    yield api_url
+    stop_pid(pid)
+
+
+@pytest.fixture(scope="session")
+def lab(state_dir: Path):
+    """The real lab: dockerd, PostgreSQL, Redis, sshd and the web container."""
+    from lab import Lab
+
+    lab = Lab(state_dir / "lab")
+    lab.up()
+    yield lab
+    lab.down()
+
+
+@pytest.fixture
+def healthy_web(lab):
+    """Each remediation test starts from a healthy target."""
+    lab.reset_web()
+    return lab
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0 and not os.environ.get("RUNBOOKS_KEEP_TEST_STATE"):
+        shutil.rmtree(_STATE, ignore_errors=True)
