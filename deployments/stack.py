@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from incident.settings import REPO_ROOT, get_settings
+from lab import pid_alive as _alive
 
 WORK_POOL = "runbooks"
 DEFAULT_PORT = 4200
@@ -52,16 +53,6 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
     }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _spawn(name: str, argv: list[str], env: dict[str, str], state: Path) -> int:
     (state / "logs").mkdir(parents=True, exist_ok=True)
     (state / "pids").mkdir(parents=True, exist_ok=True)
@@ -82,12 +73,8 @@ def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not _alive(pid):
-                return
+        if not _alive(pid):
+            return
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)

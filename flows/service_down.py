@@ -45,6 +45,7 @@ def service_down(
     restart_deadline_s: int = 30,
     healthy_probes: int = 3,
     verify_deadline_s: int = 60,
+    probe_interval_s: float = 1.0,
 ) -> State:
     """Bring a down service back: restart, then roll back if needed, and prove it healthy.
 
@@ -56,6 +57,7 @@ def service_down(
         restart_deadline_s: how long a restarted service has to become healthy before rollback.
         healthy_probes: consecutive good health probes that count as recovered.
         verify_deadline_s: how long verification may take before the run escalates.
+        probe_interval_s: seconds between health probes while waiting and verifying.
     """
     service = load_target(target)
     incident = open_incident(SCENARIO, service, trigger, incident_id, dry_run)
@@ -80,7 +82,8 @@ def service_down(
         return close_unapproved(incident, decision.record.decision, restart)
     result = restart_container(service)
     incident.action(result.action, result.target, result.changed, result.detail)
-    recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s)
+    recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s,
+                                   interval_s=probe_interval_s)
     incident.note("fix", f"after restart: {recovered.describe()}")
 
     if not recovered.healthy:
@@ -97,7 +100,8 @@ def service_down(
 
     # 4. Verify
     incident.enter("verify", f"{healthy_probes} consecutive healthy probes within {verify_deadline_s} s")
-    streak = wait_until_healthy(service, consecutive=healthy_probes, deadline_s=verify_deadline_s)
+    streak = wait_until_healthy(service, consecutive=healthy_probes, deadline_s=verify_deadline_s,
+                                interval_s=probe_interval_s)
     incident.verified(streak.describe())
     if not streak.healthy:
         return escalate_and_fail(incident, f"not healthy after remediation: {streak.describe()}")

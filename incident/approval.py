@@ -20,7 +20,10 @@ from typing import Literal
 import yaml
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
+from prefect.runtime import flow_run
+from prefect.states import Running
 from pydantic import BaseModel, Field, ValidationError
 
 from incident.errors import ApprovalTimedOutError, ConfigurationError
@@ -104,6 +107,17 @@ def matching_policy(plan: ActionPlan, target: Target, scenario: str) -> AutoAppr
     return next((p for p in load_policies() if p.allows(plan, target, scenario)), None)
 
 
+def _leave_expired_pause() -> None:
+    """An expired pause leaves the run Paused on the server, which would replace our
+    final Failed state (and its message saying what to do) with a generic one. The run
+    does go on (it records and escalates), so it is marked Running again, explicitly."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(
+            flow_run.get_id(), Running(message="approval timed out: recording and escalating"),
+            force=True,
+        )
+
+
 # -- the gate -----------------------------------------------------------------------------
 def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> Decision:
     """Ask for approval of ``plan``; see the module docstring for the outcomes."""
@@ -133,9 +147,10 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
             wait_for_input=form,
             timeout=settings.approval_timeout_s,
             poll_interval=settings.approval_poll_s,
-            key=f"approve-{plan.action}",
+            key="approve-" + plan.action.replace("_", "-"),  # keys: lowercase, digits, dashes
         )
     except FlowPauseTimeout:
+        _leave_expired_pause()
         entry = ApprovalRecord(at=now(), action=plan.action, decision="timed out", by="nobody",
                                reason=f"no decision within {settings.approval_timeout_s} s")
         incident.approval(entry)

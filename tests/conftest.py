@@ -15,6 +15,7 @@ from incident.settings import REPO_ROOT
 
 (REPO_ROOT / ".state").mkdir(exist_ok=True)
 _STATE = Path(tempfile.mkdtemp(prefix="t", dir=REPO_ROOT / ".state"))
+_STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
 os.environ["RUNBOOKS_STATE_DIR"] = str(_STATE)
 os.environ["RUNBOOKS_INVENTORY"] = str(_STATE / "lab" / "inventory.yaml")
 os.environ["RUNBOOKS_APPROVAL_POLL_S"] = "1"
@@ -46,9 +47,11 @@ def lab(state_dir: Path):
     from lab import Lab
 
     lab = Lab(state_dir / "lab")
-    lab.up()
-    yield lab
-    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()  # also after a half-finished up(): stop what did start
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -10,8 +11,9 @@ import httpx
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter
 from prefect.client.schemas.filters import FlowRunFilterTags
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.flow_runs import resume_flow_run
 
 from flows.service_down import service_down
@@ -44,18 +46,23 @@ def _wait_paused(run_id, timeout_s: float = 120.0):
         while time.monotonic() < deadline:
             run = client.read_flow_run(run_id)
             if run.state and run.state.is_paused():
-                return run
+                keyset = run.state.state_details.run_input_keyset or {}
+                try:  # the form's schema is saved just after the pause; the UI needs it too
+                    client.read_flow_run_input(run_id, keyset["schema"])
+                    return run
+                except (KeyError, ObjectNotFound, PrefectHTTPStatusError):
+                    pass
             assert not (run.state and run.state.is_final()), f"run ended before pausing: {run.state}"
             time.sleep(0.5)
     raise AssertionError("the run never paused for approval")
 
 
 def _report(incident_id: str) -> str:
+    """The latest version of the incident's report artifact, as the UI shows it."""
     key = "incident-" + incident_id.lower()
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    assert arts, f"no artifact with key {key}"
-    return max(arts, key=lambda a: a.created).data
+    resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
+    assert resp.status_code == 200, f"no artifact with key {key}: {resp.status_code}"
+    return resp.json()["data"]
 
 
 class FlowThread(threading.Thread):
@@ -89,7 +96,7 @@ def test_killed_container_is_restarted_and_verified(prefect_api, healthy_web):
     assert state.is_completed(), state.message
     assert state.name == "Completed"
     assert _health(lab) == 200
-    container = lab.docker_client().containers.get(lab.info.web_container)
+    container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.status == "running"
     assert container.image.tags[0] == "lab-web:1.1", "a restart must not change the image"
 
@@ -109,7 +116,7 @@ def test_killed_container_is_restarted_and_verified(prefect_api, healthy_web):
 
 
 def test_healthy_service_is_left_alone(prefect_api, healthy_web):
-    container = healthy_web.docker_client().containers.get(healthy_web.info.web_container)
+    container = healthy_web.docker_client().containers.get(healthy_web.info.container_name)
     started = container.attrs["State"]["StartedAt"]
     state = service_down(target="web", return_state=True)
     assert state.is_completed() and state.name == "Already Fine"
@@ -124,7 +131,7 @@ def test_dry_run_changes_nothing(prefect_api, healthy_web):
     state = service_down(target="web", dry_run=True, incident_id=incident_id, return_state=True)
     assert state.name == "Dry Run", state.message
     assert _health(lab) is None, "dry run healed the service: it changed something"
-    container = lab.docker_client().containers.get(lab.info.web_container)
+    container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.status == "exited"
     report = _report(incident_id)
     assert "| restart_container | dry run | dry run |" in report
@@ -139,10 +146,10 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     thread, incident_id = _start()
     run_id = _run_id_of(incident_id)
     paused = _wait_paused(run_id)
-    assert "approve-rollback_container" in str(paused.state.state_details.pause_key)
+    assert "approve-rollback-container" in str(paused.state.state_details.pause_key)
 
     # a bare resume (no decision) must not approve: the server refuses it
-    with pytest.raises(RuntimeError, match="Cannot resume"):
+    with pytest.raises(RuntimeError, match="'decision' is a required property"):
         resume_flow_run(run_id, run_input={})
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).state.is_paused()
@@ -151,7 +158,7 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     thread.join(timeout=180)
     assert thread.state is not None and thread.state.is_completed(), thread.state
     assert _health(lab) == 200
-    container = lab.docker_client().containers.get(lab.info.web_container)
+    container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:1.1"
     assert container.labels["runbooks.previous-image"] == "lab-web:broken"
 
@@ -171,7 +178,7 @@ def test_rejected_rollback_changes_nothing(prefect_api, healthy_web):
     thread.join(timeout=120)
 
     assert thread.state.is_completed() and thread.state.name == "Not Approved"
-    container = lab.docker_client().containers.get(lab.info.web_container)
+    container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken", "a rejected rollback changed the image"
     report = _report(incident_id)
     assert "| rollback_container | rejected | human | investigating first |" in report
@@ -189,7 +196,7 @@ def test_approval_timeout_fails_clearly_and_escalates(prefect_api, healthy_web, 
 
     assert thread.state.is_failed()
     assert "timed out" in thread.state.message or "within 4 s" in thread.state.message
-    container = lab.docker_client().containers.get(lab.info.web_container)
+    container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken"
     report = _report(incident_id)
     assert "| rollback_container | timed out | nobody |" in report

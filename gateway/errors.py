@@ -1,0 +1,34 @@
+"""Errors of the gateway. Messages say what was wrong and what to do; never a secret."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class AuthError(GatewayError):
+    """The request is not authenticated: credential missing, malformed or wrong (HTTP 401)."""
+
+
+class PayloadError(GatewayError):
+    """The body is not a valid webhook of the source it was sent to (HTTP 422).
+
+    ``path`` names the offending field (``alerts[2].labels``) when there is one.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class NotAnAlert(GatewayError):
+    """A well-formed, authentic webhook that carries no alert state change.
+
+    Examples: a PagerDuty ``pagey.ping``, a Sentry ``installation`` hook, an Opsgenie
+    ``AddNote``. The app answers 202 with the reason, so it is never dropped silently.
+    """
+
+
+class RoutesFileError(GatewayError):
+    """routes.yaml is missing or invalid; a human must fix the file."""

@@ -1,0 +1,13 @@
+"""The lab: real targets on loopback, started and stopped by one command.
+
+    from lab import Lab
+    lab = Lab(get_settings().lab_dir)
+    info = lab.up()        # dockerd + web container, PostgreSQL, Redis, sshd, inventory.yaml
+    lab.down()
+
+CLI: ``python -m lab up|down|status|kill-web|break-web|reset-web``.
+"""
+
+from lab.core import Lab, LabError, LabInfo, http_get, pid_alive
+
+__all__ = ["Lab", "LabError", "LabInfo", "http_get", "pid_alive"]

@@ -1,0 +1,169 @@
+"""The lab against the real system: dockerd + web container, PostgreSQL, Redis, sshd.
+
+Uses the session's one lab (tests/conftest.py); the down test brings it back up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from incident.inventory import load_inventory
+from lab import Lab, http_get, pid_alive
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(autouse=True)
+def _healthy_start(healthy_web):
+    """Every test starts from a healthy web container (earlier tests break it on purpose)."""
+
+
+def wait_for(pred, timeout=20.0, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def test_status_all_up(lab):
+    assert lab.status() == {"dockerd": "up", "postgres": "up", "redis": "up", "sshd": "up", "web": "up"}
+
+
+def test_health_ok(lab):
+    code, body = http_get(lab.info.health_url)
+    assert code == 200, body
+    data = json.loads(body)
+    assert data == {"status": "ok", "version": "1.1", "checks": {"postgres": "ok", "redis": "ok"}}
+    code, body = http_get(lab.info.root_url)
+    assert code == 200 and "1.1" in body
+    assert http_get(lab.info.root_url + "nope")[0] == 404
+
+
+def test_inventory_valid(lab):
+    inv = load_inventory(lab.inventory_path)
+    t = inv.target("web")
+    assert t.service.health_url == lab.info.health_url
+    assert t.docker.base_url == f"unix://{lab.info.docker_socket}"
+    assert t.database.password.resolve().get_secret_value() == lab.info.pg_password_file.read_text().strip()
+    assert t.redis.port == lab.info.redis_port and t.ssh.port == lab.info.ssh_port
+
+
+def test_container_labels(lab):
+    c = lab.docker_client().containers.get(lab.info.container_name)
+    assert c.attrs["Config"]["Image"] == "lab-web:1.1"
+    assert c.labels["runbooks.previous-image"] == "lab-web:1.0"
+    assert c.labels["runbooks.service"] == "web"
+    assert c.attrs["HostConfig"]["NetworkMode"] == "host"
+
+
+def test_kill_web_then_docker_restart(lab):
+    lab.kill_web()
+    code, _ = http_get(lab.info.health_url, timeout=2)
+    assert code == 0  # nothing listens
+    client = lab.docker_client()
+    c = client.containers.get(lab.info.container_name)
+    assert c.status == "exited"
+    c.restart(timeout=5)
+    assert wait_for(lambda: http_get(lab.info.health_url, 2)[0] == 200)
+
+
+def test_broken_release_crashes_then_reset(lab):
+    lab.deploy_broken_web()
+    c = lab.docker_client().containers.get(lab.info.container_name)
+    assert c.status == "exited"
+    assert c.attrs["State"]["ExitCode"] == 1
+    assert c.labels["runbooks.previous-image"] == "lab-web:1.1"
+    assert b"FATAL: required setting LABWEB_CONFIG is missing" in c.logs()
+    assert http_get(lab.info.health_url, 2)[0] == 0
+    lab.reset_web()
+    assert http_get(lab.info.health_url)[0] == 200
+    c = lab.docker_client().containers.get(lab.info.container_name)
+    assert c.attrs["Config"]["Image"] == "lab-web:1.1"
+    assert c.labels["runbooks.previous-image"] == "lab-web:1.0"
+
+
+def test_redis_down_makes_health_503_and_up_restores(lab):
+    pid = lab.read_pid("redis")
+    lab.stop_component("redis")
+    assert not pid_alive(pid)
+    code, body = http_get(lab.info.health_url)
+    assert code == 503, body
+    data = json.loads(body)
+    assert data["status"] == "fail"
+    assert data["checks"]["postgres"] == "ok"
+    assert data["checks"]["redis"] == "connection refused"
+    assert lab.status()["redis"] == "down"
+    lab.up()
+    assert http_get(lab.info.health_url)[0] == 200
+    assert lab.read_pid("redis") != pid
+
+
+def test_ssh_with_pinned_host_key(lab):
+    import paramiko
+
+    c = paramiko.SSHClient()
+    c.load_host_keys(str(lab.info.known_hosts))
+    c.set_missing_host_key_policy(paramiko.RejectPolicy())
+    c.connect("127.0.0.1", port=lab.info.ssh_port, username="root", key_filename=str(lab.info.ssh_key),
+              look_for_keys=False, allow_agent=False, timeout=5)
+    try:
+        _, out, _ = c.exec_command("echo ok", timeout=5)
+        assert out.read().decode().strip() == "ok"
+        assert out.channel.recv_exit_status() == 0
+    finally:
+        c.close()
+
+
+def test_ssh_unknown_host_key_refused(lab, tmp_path):
+    import paramiko
+
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    c = paramiko.SSHClient()
+    c.load_host_keys(str(empty))
+    c.set_missing_host_key_policy(paramiko.RejectPolicy())
+    with pytest.raises(paramiko.SSHException):
+        c.connect("127.0.0.1", port=lab.info.ssh_port, username="root", key_filename=str(lab.info.ssh_key),
+                  look_for_keys=False, allow_agent=False, timeout=5)
+    c.close()
+
+
+def test_postgres_as_app(lab):
+    import psycopg
+
+    pw = lab.info.pg_password_file.read_text().strip()
+    assert (lab.info.pg_password_file.stat().st_mode & 0o777) == 0o600
+    with psycopg.connect(host="127.0.0.1", port=lab.info.pg_port, dbname="app", user="app", password=pw,
+                         connect_timeout=5) as conn:
+        assert conn.execute("select current_user, current_database()").fetchone() == ("app", "app")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=lab.info.pg_port, dbname="app", user="app", password="wrong",
+                        connect_timeout=5).close()
+
+
+def test_up_is_idempotent_and_reuses(lab):
+    before = lab.pids()
+    lab.up()
+    assert lab.pids() == before
+    assert http_get(lab.info.health_url)[0] == 200
+    assert json.loads(Path(lab.lab_dir / "lab.json").read_text())["web_port"] == lab.info.web_port
+
+
+def test_down_leaves_nothing_alive(lab):
+    pids = lab.pids()
+    assert {"dockerd", "containerd", "postgres", "redis", "sshd"} <= set(pids)
+    web_pid = lab.docker_client().containers.get(lab.info.container_name).attrs["State"]["Pid"]
+    assert web_pid and pid_alive(web_pid)
+    lab.down()
+    alive = {name: pid for name, pid in {**pids, "web": web_pid}.items() if pid_alive(pid)}
+    assert alive == {}
+    assert set(lab.status().values()) <= {"down", "down (dockerd down)"}
+    lab.up()  # the rest of the run shares this lab
+    assert lab.status()["web"] == "up"
