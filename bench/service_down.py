@@ -24,8 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-(REPO / ".state").mkdir(exist_ok=True)
-STATE = Path(tempfile.mkdtemp(prefix="b", dir=REPO / ".state"))
+STATE = Path(tempfile.mkdtemp(prefix="rb-bench-"))
 STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
 os.environ["RUNBOOKS_STATE_DIR"] = str(STATE)
 os.environ["RUNBOOKS_INVENTORY"] = str(STATE / "lab" / "inventory.yaml")

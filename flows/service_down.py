@@ -155,6 +155,9 @@ def plan_rollback(service: Target, container: ContainerState) -> ActionPlan:
 def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
     if decision == "dry run":
         return incident.close("dry run", f"would run {plan.action}: {plan.runs}; nothing changed")
+    if decision == "stood down":
+        return incident.close("resolved without action",
+                              f"stood down before {plan.action}: the alert resolved; nothing changed")
     return incident.close("not approved", f"{plan.action} was {decision}; nothing changed")
 
 

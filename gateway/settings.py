@@ -7,6 +7,7 @@ loopback in the lab, never on a network. ``/healthz`` shows which sources verify
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,12 @@ class GatewaySettings(BaseSettings):
     port: int = Field(default=8787, ge=1, le=65535, description="Bind port.")
     max_body_bytes: int = Field(default=MIB, ge=1, description="Larger bodies get 413.")
     routes_file: Path = Field(default=REPO_ROOT / "routes.yaml", description="Alert routes.")
+    store: Path | None = Field(
+        default=None, description="Intake database (SQLite); default <state dir>/gateway/alerts.db.")
+    dispatch: Literal["runner", "automation"] = Field(
+        default="runner", description="runner: start flow runs in the gateway's long-lived runner "
+        "(fast); automation: emit an event for the prefect.yaml deployment trigger.")
+    max_parallel_runs: int = Field(default=16, ge=1, description="Remediations run at once (runner).")
 
     alertmanager_bearer_token: SecretStr | None = Field(
         default=None, description="Alertmanager http_config.authorization credentials.")
@@ -42,6 +49,12 @@ class GatewaySettings(BaseSettings):
         default="X-Opsgenie-Secret", description="Name of that custom header.")
     cloudevents_bearer_token: SecretStr | None = Field(
         default=None, description="Bearer token CloudEvents senders must present.")
+
+    @property
+    def store_path(self) -> Path:
+        from incident.settings import get_settings
+
+        return self.store or get_settings().state_dir / "gateway" / "alerts.db"
 
     def verification_enabled(self) -> dict[str, bool]:
         """Per source: is the request authenticated? (Never the secrets themselves.)"""

@@ -7,7 +7,8 @@ server's validation: only an explicit ``approve`` approves. A policy in
 ``policies/approval.yaml`` may approve instead; the record then names it.
 
 Outcomes: approved -> the step runs; rejected -> the flow ends "Not Approved"
-with nothing changed; no decision before the timeout -> nothing changed, an
+with nothing changed; stand-down (a person, or the alert gateway when the alert
+resolves while the run waits) -> "Resolved Without Action", nothing changed; no decision before the timeout -> nothing changed, an
 escalation fires and the run fails saying so; dry run -> recorded, not asked.
 """
 
@@ -59,8 +60,9 @@ class ActionPlan(BaseModel):
 class ApprovalForm(RunInput):
     """The form shown in the Prefect UI when a run waits for approval."""
 
-    decision: Literal["approve", "reject"] = Field(
-        description="approve runs the step; reject ends the run with nothing changed"
+    decision: Literal["approve", "reject", "stand-down"] = Field(
+        description="approve runs the step; reject ends the run with nothing changed; "
+        "stand-down: the system recovered by itself - end as 'resolved without action'"
     )
     reason: str = Field(min_length=1, description="Why - kept in the incident record")
 
@@ -162,8 +164,8 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
             "a human must take over the incident: nothing was changed by this run",
         ) from None
     approved = answer.decision == "approve"
-    entry = ApprovalRecord(at=now(), action=plan.action,
-                           decision="approved" if approved else "rejected",
+    decision = {"approve": "approved", "reject": "rejected", "stand-down": "stood down"}
+    entry = ApprovalRecord(at=now(), action=plan.action, decision=decision[answer.decision],
                            by="human", reason=answer.reason)
     incident.approval(entry)
     return Decision(approved=approved, record=entry)

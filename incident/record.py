@@ -8,12 +8,15 @@ ends with a post-mortem skeleton following the runbooks' post-incident template.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Literal
+from uuid import UUID, uuid4
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactCreate
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field
@@ -22,7 +25,8 @@ from incident.inventory import Severity, Target
 
 Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
-                  "escalated"]
+                  "resolved without action"]
+ALERT_UPDATE_PREFIX = "alert-update-"
 
 
 def _now() -> datetime:
@@ -65,7 +69,7 @@ class ActionTaken(BaseModel):
 class ApprovalRecord(BaseModel):
     at: datetime
     action: str
-    decision: Literal["approved", "rejected", "timed out", "dry run"]
+    decision: Literal["approved", "rejected", "timed out", "dry run", "stood down"]
     by: str = Field(description="'human' (with the reason given), 'policy:<name>' or 'dry run'")
     reason: str | None = None
 
@@ -88,10 +92,18 @@ class IncidentRecord(BaseModel):
     approvals: list[ApprovalRecord] = []
     verification: str | None = None
     escalations: list[str] = []
+    alert_updates: list[str] = Field(
+        default=[], description="Later notifications about the alert (re-fires, resolved), "
+                                "delivered to the run as flow run inputs by the alert gateway")
 
     @property
     def artifact_key(self) -> str:
-        return "incident-" + "".join(c if c.isalnum() else "-" for c in self.incident_id.lower())
+        return artifact_key_for(self.incident_id)
+
+
+def artifact_key_for(incident_id: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return "incident-" + "".join(c if c.isalnum() else "-" for c in incident_id.lower())
 
 
 def new_incident_id(at: datetime | None = None) -> str:
@@ -181,7 +193,18 @@ class Incident:
         self._logger.info("[%s] %s", phase, event)
         self.publish()
 
+    def alert_updates(self) -> list[str]:
+        """Fetch what the gateway sent about this incident's alert since the run started."""
+        run_id = flow_run.get_id()
+        if not run_id:
+            return []
+        with get_client(sync_client=True) as client:
+            inputs = client.filter_flow_run_input(run_id, ALERT_UPDATE_PREFIX, 100, set())
+        self.record.alert_updates = [i.decoded_value for i in sorted(inputs, key=lambda i: i.created)]
+        return self.record.alert_updates
+
     def publish(self) -> None:
+        self.alert_updates()
         create_markdown_artifact(
             markdown=render_report(self.record),
             key=self.record.artifact_key,
@@ -190,11 +213,18 @@ class Incident:
         )
 
 
+_MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run")
+
+
 def _set_run(name: str | None = None, tags: list[str] | None = None) -> None:
+    """Rename/retag the flow run; tags set by others (deployment, gateway) are kept."""
     run_id = flow_run.get_id()
     if not run_id:
         return
     with get_client(sync_client=True) as client:
+        if tags is not None:
+            current = client.read_flow_run(run_id).tags
+            tags = [t for t in current if not t.startswith(_MANAGED_TAGS)] + tags
         client.update_flow_run(run_id, name=name, tags=tags)
 
 
@@ -234,6 +264,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+ALERT_UPDATES_HEADING = "## Alert updates"
+
+
 def render_report(r: IncidentRecord) -> str:
     duration = (r.closed_at or _now()) - r.opened_at
     lines = [
@@ -268,6 +301,7 @@ def render_report(r: IncidentRecord) -> str:
     lines += ["", "## Verification", "", r.verification or "_not run yet_"]
     if r.escalations:
         lines += ["", "## Escalations", ""] + [f"- {e}" for e in r.escalations]
+    lines += ["", ALERT_UPDATES_HEADING, ""] + ([f"- {u}" for u in r.alert_updates] or ["- none"])
     problems = [f for f in r.findings if not f.ok]
     lines += [
         "", "---", "", "# Post-Incident Report (skeleton)", "",
@@ -290,3 +324,30 @@ def render_report(r: IncidentRecord) -> str:
         "| Action | Owner | Deadline | Status |", "|---|---|---|---|", "| | | | [ ] |", "",
     ]
     return "\n".join(lines)
+
+
+def add_alert_update(flow_run_id: UUID, incident_id: str, text: str) -> None:
+    """Record a later notification about the alert (re-fire, resolved) on the incident.
+
+    Delivered as a flow run input, which the running flow folds into its report at the
+    next publish; if the run has already ended, the report artifact gets a new version
+    with the line added, so the record stays complete either way.
+    """
+    stamped = f"{_now():%Y-%m-%d %H:%M:%S UTC} {text}"
+    with get_client(sync_client=True) as client:
+        client.create_flow_run_input(flow_run_id, f"{ALERT_UPDATE_PREFIX}{uuid4().hex[:12]}",
+                                     json.dumps(stamped), sender="alert-gateway")
+        run = client.read_flow_run(flow_run_id)
+        if not (run.state and run.state.is_final()):
+            return
+        key = artifact_key_for(incident_id)
+        latest = client.request("GET", "/artifacts/{key}/latest", path_params={"key": key}).json()
+        markdown = str(latest["data"])
+        head, sep, tail = markdown.partition(ALERT_UPDATES_HEADING + "\n\n")
+        if not sep:
+            return
+        tail = tail.replace("- none\n", "", 1) if tail.startswith("- none\n") else tail
+        client.create_artifact(ArtifactCreate(
+            key=key, type="markdown", data=f"{head}{sep}- {stamped}\n{tail}",
+            description=latest.get("description"), flow_run_id=flow_run_id,
+        ))

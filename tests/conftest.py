@@ -11,11 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from incident.settings import REPO_ROOT
-
-(REPO_ROOT / ".state").mkdir(exist_ok=True)
-_STATE = Path(tempfile.mkdtemp(prefix="t", dir=REPO_ROOT / ".state"))
-_STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
+# Under the temp dir, not the checkout: the lab runs PostgreSQL as user postgres, which
+# must be able to traverse every parent dir (a CI checkout may sit in a 0700 dir), and
+# unix socket paths must stay short.
+_STATE = Path(tempfile.mkdtemp(prefix="rb-test-"))
+_STATE.chmod(0o755)
 os.environ["RUNBOOKS_STATE_DIR"] = str(_STATE)
 os.environ["RUNBOOKS_INVENTORY"] = str(_STATE / "lab" / "inventory.yaml")
 os.environ["RUNBOOKS_APPROVAL_POLL_S"] = "1"
@@ -64,3 +64,45 @@ def healthy_web(lab):
 def pytest_sessionfinish(session, exitstatus):
     if exitstatus == 0 and not os.environ.get("RUNBOOKS_KEEP_TEST_STATE"):
         shutil.rmtree(_STATE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_api, state_dir: Path):
+    """The deployments of prefect.yaml registered on the test server (no worker)."""
+    from deployments.stack import deploy_all
+
+    deploy_all(prefect_env(state_dir / "prefect", prefect_api))
+    return prefect_api
+
+
+@pytest.fixture(scope="session")
+def gateway(deployed, lab, state_dir: Path):
+    """The real alert gateway (uvicorn, runner dispatch, SQLite intake) on loopback."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from gateway.__main__ import build_app
+    from gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db",
+                               alertmanager_bearer_token="test-am-token")
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1",
+                                           port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        raise RuntimeError("the gateway did not start")
+    yield settings, url
+    server.should_exit = True
+    thread.join(timeout=60)

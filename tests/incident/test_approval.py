@@ -48,5 +48,5 @@ def test_broken_policy_file_is_a_clear_error(tmp_path):
 def test_approval_form_requires_an_explicit_decision():
     schema = ApprovalForm.model_json_schema()
     assert "decision" in schema["required"] and "reason" in schema["required"]
-    assert schema["properties"]["decision"]["enum"] == ["approve", "reject"]
+    assert schema["properties"]["decision"]["enum"] == ["approve", "reject", "stand-down"]
     assert "default" not in schema["properties"]["decision"]

@@ -1,0 +1,140 @@
+"""The alert gateway's commands.
+
+    python -m gateway serve                       run the gateway (uvicorn) on RUNBOOKS_GATEWAY_HOST:PORT
+    python -m gateway send-test SOURCE [FILE]     send a test alert, signed/authenticated as that
+                                                  source must be (default body: a ServiceDown alert)
+    python -m gateway recent [-n 20]              the latest alerts and what each started
+
+Secrets come from the same RUNBOOKS_GATEWAY_* settings the gateway uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from gateway.models import SOURCES
+from gateway.settings import GatewaySettings
+from gateway.signatures import hmac_sha256_hex
+
+
+def build_app(settings: GatewaySettings):
+    from gateway.app import create_app
+    from gateway.intake import AlertIntake, Dispatcher
+    from gateway.routing import Router
+    from gateway.store import AlertStore
+
+    store = AlertStore(settings.store_path)
+    dispatcher = Dispatcher(store, mode=settings.dispatch, max_parallel=settings.max_parallel_runs)
+    app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher))
+    app.router.on_shutdown.append(dispatcher.shutdown)
+    app.router.on_shutdown.append(store.close)
+    return app
+
+
+def serve(settings: GatewaySettings) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=False)
+
+
+def service_down_alert(service: str = "web", status: str = "firing") -> dict:
+    """An Alertmanager v4 body like the lab's real Alertmanager sends for ServiceDown."""
+    now = datetime.now(timezone.utc).isoformat()
+    labels = {"alertname": "ServiceDown", "service": service, "severity": "critical"}
+    return {
+        "version": "4", "groupKey": '{}:{alertname="ServiceDown"}', "truncatedAlerts": 0,
+        "status": status, "receiver": "runbooks", "groupLabels": {"alertname": "ServiceDown"},
+        "commonLabels": labels, "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093",
+        "alerts": [{"status": status, "labels": labels,
+                    "annotations": {"summary": f"{service} is down (test alert)"},
+                    "startsAt": now, "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "http://127.0.0.1:9090/graph", "fingerprint": ""}],
+    }
+
+
+def signed_headers(source: str, body: bytes, settings: GatewaySettings) -> dict[str, str]:
+    """The headers a real sender of ``source`` adds, computed with our configured secrets."""
+    headers = {"Content-Type": "application/json"}
+    secret = lambda s: s.get_secret_value() if s else None  # noqa: E731
+    if source == "alertmanager" and settings.alertmanager_bearer_token:
+        headers["Authorization"] = f"Bearer {secret(settings.alertmanager_bearer_token)}"
+    elif source == "alertmanager" and settings.alertmanager_basic_password:
+        headers["Authorization"] = "Basic " + __import__("base64").b64encode(
+            f"{settings.alertmanager_basic_username}:{secret(settings.alertmanager_basic_password)}"
+            .encode()).decode()
+    elif source == "grafana" and settings.grafana_secret:
+        headers["X-Grafana-Alerting-Signature"] = hmac_sha256_hex(settings.grafana_secret, body)
+    elif source == "sentry" and settings.sentry_client_secret:
+        headers["Sentry-Hook-Signature"] = hmac_sha256_hex(settings.sentry_client_secret, body)
+    elif source == "pagerduty":
+        headers["X-Webhook-Id"] = str(uuid.uuid4())
+        if settings.pagerduty_secret:
+            headers["X-PagerDuty-Signature"] = "v1=" + hmac_sha256_hex(settings.pagerduty_secret, body)
+    elif source == "opsgenie" and settings.opsgenie_secret:
+        headers[settings.opsgenie_secret_header] = secret(settings.opsgenie_secret)
+    elif source == "cloudevents":
+        headers["Content-Type"] = "application/cloudevents+json"
+        if settings.cloudevents_bearer_token:
+            headers["Authorization"] = f"Bearer {secret(settings.cloudevents_bearer_token)}"
+    return headers
+
+
+def send_test(settings: GatewaySettings, source: str, file: Path | None, url: str | None) -> int:
+    if file is None and source != "alertmanager":
+        sys.exit(f"send-test {source} needs a FILE with a {source} webhook body "
+                 "(examples: ../shared/payloads/)")
+    body = file.read_bytes() if file else json.dumps(service_down_alert()).encode()
+    base = url or f"http://{settings.host}:{settings.port}"
+    resp = httpx.post(f"{base}/alerts/{source}", content=body,
+                      headers=signed_headers(source, body, settings), timeout=10.0)
+    print(f"{resp.status_code} {resp.reason_phrase}")
+    print(json.dumps(resp.json(), indent=2))
+    return 0 if resp.status_code == 202 else 1
+
+
+def recent(settings: GatewaySettings, n: int) -> int:
+    from gateway.store import AlertStore
+
+    if not settings.store_path.exists():
+        sys.exit(f"no intake database at {settings.store_path}: has the gateway received anything?")
+    rows = AlertStore(settings.store_path).recent_alerts(n)
+    print(f"{'received (UTC)':19}  {'source':12} {'status':8} {'disposition':16} {'incident':20} "
+          f"{'outcome':22} summary / reason")
+    for r in rows:
+        outcome = r["outcome"] or (r["incident_status"] or "")
+        print(f"{r['received_at'][:19]:19}  {r['source']:12} {r['status']:8} {r['disposition']:16} "
+              f"{r['incident_id'] or '-':20} {outcome[:22]:22} {r['summary'] or r['reason'] or ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="run the gateway")
+    p = sub.add_parser("send-test", help="send a test alert, correctly signed")
+    p.add_argument("source", choices=SOURCES)
+    p.add_argument("file", nargs="?", type=Path, help="webhook body (default: a ServiceDown alert)")
+    p.add_argument("--url", help="gateway base URL (default: from settings)")
+    p = sub.add_parser("recent", help="list recent alerts and what each started")
+    p.add_argument("-n", type=int, default=20)
+    args = parser.parse_args(argv)
+    settings = GatewaySettings()
+    if args.cmd == "serve":
+        serve(settings)
+        return 0
+    if args.cmd == "send-test":
+        return send_test(settings, args.source, args.file, args.url)
+    return recent(settings, args.n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

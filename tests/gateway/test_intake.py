@@ -1,0 +1,103 @@
+"""Alerts start remediations: the real gateway, the real Prefect server, the real lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+
+from gateway.__main__ import service_down_alert, signed_headers
+from gateway.store import AlertStore
+from tasks.http_checks import check_health
+
+pytestmark = pytest.mark.lab
+
+
+def _post(gateway, body: dict) -> dict:
+    settings, url = gateway
+    raw = json.dumps(body).encode()
+    resp = httpx.post(f"{url}/alerts/alertmanager", content=raw,
+                      headers=signed_headers("alertmanager", raw, settings), timeout=10)
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
+def _incident(gateway, incident_id: str, until, timeout_s: float = 120.0):
+    settings, _ = gateway
+    store = AlertStore(settings.store_path)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            inc = store.incident(incident_id)
+            if inc and until(inc):
+                return inc
+            time.sleep(0.5)
+    finally:
+        store.close()
+    raise AssertionError(f"{incident_id} never reached the expected state: {inc}")
+
+
+def _report(incident_id: str) -> str:
+    key = "incident-" + incident_id.lower()
+    resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
+    assert resp.status_code == 200, key
+    return resp.json()["data"]
+
+
+def test_unauthenticated_alert_is_rejected(gateway):
+    _, url = gateway
+    resp = httpx.post(f"{url}/alerts/alertmanager", json=service_down_alert(), timeout=10)
+    assert resp.status_code == 401
+
+
+def test_alert_heals_once_and_resolve_lands_on_the_record(gateway, healthy_web):
+    lab = healthy_web
+    lab.kill_web()
+    body = service_down_alert("web")
+    results = [_post(gateway, body) for _ in range(3)]  # Alertmanager redelivers
+    dispositions = [r["intake"]["alerts"][0]["disposition"] for r in results]
+    assert dispositions == ["opened", "duplicate", "duplicate"]
+    incident_id = results[0]["intake"]["alerts"][0]["incident_id"]
+
+    inc = _incident(gateway, incident_id, lambda i: i.status == "closed")
+    assert inc.outcome == "Completed", inc
+    assert check_health(lab.info.health_url, timeout_s=2).status_code == 200
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(inc.flow_run_id)
+        deployment = client.read_deployment(run.deployment_id)
+    assert deployment.name == "service-down", "the run belongs to the deployment"
+    assert "alert:alertmanager" in run.tags and f"incident:{incident_id}" in run.tags
+
+    body["status"] = body["alerts"][0]["status"] = "resolved"
+    body["alerts"][0]["endsAt"] = "2026-11-23T03:10:00Z"
+    assert _post(gateway, body)["intake"]["alerts"][0]["disposition"] == "resolved"
+    deadline = time.monotonic() + 30
+    while "reports the alert RESOLVED" not in _report(incident_id):
+        assert time.monotonic() < deadline, "the resolved notification never reached the record"
+        time.sleep(0.5)
+    assert "alertmanager" in _report(incident_id).split("## Alert updates")[1]
+
+
+def test_resolve_while_waiting_for_approval_stands_down(gateway, healthy_web):
+    lab = healthy_web
+    lab.deploy_broken_web()
+    body = service_down_alert("web")
+    incident_id = _post(gateway, body)["intake"]["alerts"][0]["incident_id"]
+    inc = _incident(gateway, incident_id, lambda i: i.flow_run_id is not None)
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while not client.read_flow_run(inc.flow_run_id).state.is_paused():
+            assert time.monotonic() < deadline, "never paused for the rollback approval"
+            time.sleep(0.5)
+    time.sleep(1.5)  # the form's schema is saved just after the pause
+    body["status"] = body["alerts"][0]["status"] = "resolved"
+    _post(gateway, body)
+    inc = _incident(gateway, incident_id, lambda i: i.status == "closed")
+    assert inc.outcome == "Resolved Without Action"
+    container = lab.docker_client().containers.get(lab.info.container_name)
+    assert container.image.tags[0] == "lab-web:broken", "standing down must change nothing"
+    assert "| rollback_container | stood down | human |" in _report(incident_id)
