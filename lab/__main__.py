@@ -1,4 +1,4 @@
-"""``python -m lab up|down|status|kill-web|break-web|reset-web``."""
+"""``python -m lab up [--alerting]|down|status|kill-web|break-web|reset-web``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import time
 from incident.settings import get_settings
 from lab.core import Lab, LabError
 
-USAGE = "usage: python -m lab up|down|status|kill-web|break-web|reset-web"
+USAGE = "usage: python -m lab up [--alerting]|down|status|kill-web|break-web|reset-web"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    alerting = len(argv) == 2 and argv[0] == "up" and argv[1] == "--alerting"
+    if (len(argv) != 1 and not alerting) or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd = argv[0]
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "up":
             t0 = time.monotonic()
-            info = lab.up()
+            info = lab.up(alerting=alerting)
             print(f"lab up in {time.monotonic() - t0:.1f}s ({lab.lab_dir})")
             print(f"  health URL     {info.health_url}")
             print(f"  docker socket  {info.docker_base_url}   (docker -H {info.docker_base_url} ps)")
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ssh            ssh -i {info.ssh_key} -o UserKnownHostsFile={info.known_hosts} "
                   f"-p {info.ssh_port} root@127.0.0.1")
             print(f"  inventory      {lab.inventory_path}")
+            if alerting:
+                print(f"  prometheus     {info.prometheus_url}   (alert ServiceDown on {info.health_url})")
+                print(f"  alertmanager   {info.alertmanager_url}")
+                print(f"  blackbox       {info.blackbox_url}")
+                print(f"  webhook to     {info.gateway_url}/alerts/alertmanager   "
+                      f"(Bearer token in {info.alertmanager_token_file})")
             print(f"  logs           {info.logs_dir}/")
         elif cmd == "down":
             lab.down()

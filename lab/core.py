@@ -8,8 +8,13 @@ Everything lives under ``lab_dir``::
     logs/<name>.log one log per component
     pids/<name>.pid one pidfile per process the lab started
     docker/ pg/ redis/ ssh/ secrets/ build/
+    alerting/       configs and data of the optional alerting stack
 
 Processes are stopped by the PID in their pidfile, never by name.
+
+The alerting stack (blackbox exporter, Prometheus, Alertmanager; see lab/alerting.py)
+is started only when asked: ``Lab(lab_dir, alerting=True).up()`` or
+``lab.up(alerting=True)``; ``down()`` always stops it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from typing import Callable
 
 from pydantic import BaseModel
 
+from lab import alerting as _al
+
 HERE = Path(__file__).resolve().parent
 LABWEB_SOURCE = HERE / "labweb.c"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -47,7 +54,13 @@ _EXPECTED_CMD = {
     "postgres": "postgres",
     "redis": "redis-server",
     "sshd": "sshd",
+    "blackbox": _al.BLACKBOX_BIN,
+    "prometheus": _al.PROMETHEUS_BIN,
+    "alertmanager": _al.ALERTMANAGER_BIN,
 }
+_BASE_PORTS = ("web_port", "pg_port", "redis_port", "ssh_port")
+# Optional in lab.json (older files lack them): chosen on first load and then persisted.
+_ALERTING_PORTS = ("blackbox_port", "prometheus_port", "alertmanager_port", "gateway_port")
 _SOCK_MAX = 100  # unix socket paths are limited to ~108 bytes
 
 
@@ -76,6 +89,16 @@ class LabInfo(BaseModel):
     pg_socket_dir: Path
     logs_dir: Path
     pids_dir: Path
+    # alerting stack (optional; defaults keep older lab.json files loadable)
+    blackbox_port: int | None = None
+    prometheus_port: int | None = None
+    alertmanager_port: int | None = None
+    gateway_port: int | None = None  # the alert gateway (started by someone else) listens here
+    gateway_url: str | None = None
+    prometheus_url: str | None = None
+    alertmanager_url: str | None = None
+    blackbox_url: str | None = None
+    alertmanager_token_file: Path | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -185,9 +208,10 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class Lab:
-    def __init__(self, lab_dir: Path, container_name: str = "lab-web") -> None:
+    def __init__(self, lab_dir: Path, container_name: str = "lab-web", alerting: bool = False) -> None:
         self.lab_dir = Path(lab_dir).resolve()
         self.container_name = container_name
+        self.alerting = alerting  # start the alerting stack at up() (also: up(alerting=True))
         d = self.lab_dir
         self.logs_dir = d / "logs"
         self.pids_dir = d / "pids"
@@ -200,6 +224,7 @@ class Lab:
         self.ssh_dir = d / "ssh"
         self.secrets_dir = d / "secrets"
         self.build_dir = d / "build"
+        self.alerting_dir = d / "alerting"
         self.info_path = d / "lab.json"
         self.inventory_path = d / "inventory.yaml"
         self._info: LabInfo | None = None
@@ -246,12 +271,13 @@ class Lab:
         if self.info_path.exists():
             try:
                 old = json.loads(self.info_path.read_text())
-                ports = {k: int(old[k]) for k in ("web_port", "pg_port", "redis_port", "ssh_port")}
-            except (OSError, ValueError, KeyError) as exc:
+                ports = {k: int(old[k]) for k in _BASE_PORTS}
+                ports.update({k: int(old[k]) for k in _ALERTING_PORTS if old.get(k)})
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise LabError(f"lab: {self.info_path} is unreadable ({exc}); remove it to start afresh") from None
-        else:
-            taken: set[int] = set()
-            for k in ("web_port", "pg_port", "redis_port", "ssh_port"):
+        taken: set[int] = set(ports.values())
+        for k in (*_BASE_PORTS, *_ALERTING_PORTS):
+            if k not in ports:
                 ports[k] = _free_port(taken)
                 taken.add(ports[k])
         web = ports["web_port"]
@@ -269,6 +295,11 @@ class Lab:
             pg_socket_dir=self.pg_sock,
             logs_dir=self.logs_dir,
             pids_dir=self.pids_dir,
+            gateway_url=f"http://127.0.0.1:{ports['gateway_port']}",
+            prometheus_url=f"http://127.0.0.1:{ports['prometheus_port']}",
+            alertmanager_url=f"http://127.0.0.1:{ports['alertmanager_port']}",
+            blackbox_url=f"http://127.0.0.1:{ports['blackbox_port']}",
+            alertmanager_token_file=self.secrets_dir / "alertmanager_token",
             **ports,
         )
 
@@ -340,8 +371,12 @@ class Lab:
 
     # ----------------------------------------------------------------- up / down / status
 
-    def up(self) -> LabInfo:
+    def up(self, alerting: bool | None = None) -> LabInfo:
+        """Start what is not running (idempotent). ``alerting=True`` (or ``Lab(..., alerting=True)``)
+        also starts the alerting stack; without it the alerting stack is neither started nor stopped."""
         t0 = time.monotonic()
+        if alerting:
+            self.alerting = True
         self._prepare_dirs()
         info = self.info
         self._save_info()
@@ -353,12 +388,16 @@ class Lab:
         self._ensure_images()
         self._up_web()
         self._write_inventory()
+        if self.alerting if alerting is None else alerting:
+            self.up_alerting()
         self._save_info()
         self.last_up_seconds = time.monotonic() - t0
         return info
 
     def down(self) -> None:
-        # the web container first (cleanly), then the daemons
+        # the alerting stack first (it would alert on everything below), then
+        # the web container (cleanly), then the daemons
+        self._stop_alerting()  # self.alerting stays: a Lab(alerting=True) starts it again at up()
         if self._alive("dockerd"):
             try:
                 client = self.docker_client(timeout=15)
@@ -454,6 +493,8 @@ class Lab:
             except Exception as exc:  # noqa: BLE001
                 out["sshd"] = f"not answering ({type(exc).__name__})"
         out["web"] = self._web_status() if out["dockerd"] == "up" else "down (dockerd down)"
+        if self.alerting_enabled():
+            out.update(self.alerting_status())
         return out
 
     def _web_status(self) -> str:
@@ -993,3 +1034,194 @@ class Lab:
         tmp = self.inventory_path.with_suffix(".yaml.tmp")
         tmp.write_text(header + yaml.safe_dump(self.inventory_dict(), sort_keys=False))
         tmp.replace(self.inventory_path)
+
+    # ----------------------------------------------------------------- alerting stack (optional)
+
+    def alerting_pids(self) -> dict[str, int]:
+        """PIDs of the alerting processes according to their pidfiles (alive or not)."""
+        return {n: pid for n in _al.ALERTING_COMPONENTS if (pid := self.read_pid(n))}
+
+    def alerting_enabled(self) -> bool:
+        """Asked for on this Lab, or left running by an earlier ``up --alerting``."""
+        return self.alerting or any(self.pidfile(n).exists() for n in _al.ALERTING_COMPONENTS)
+
+    def _alerting_config(self, name: str) -> Path:
+        return self.alerting_dir / f"{name}.yml"
+
+    def _alerting_alive(self, name: str) -> int | None:
+        """The PID if it runs our binary with this lab's config file (no name-only matches)."""
+        pid = self._alive(name)
+        if pid and f"--config.file={self._alerting_config(name)}" in _cmdline(pid):
+            return pid
+        return None
+
+    def _alertmanager_token(self) -> str:
+        f = self.info.alertmanager_token_file
+        token = f.read_text().strip() if f.exists() else ""
+        if not token:
+            token = secrets.token_urlsafe(32)
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token)  # no newline: it is sent verbatim as the Bearer credentials
+        os.chmod(f, 0o600)
+        return token
+
+    def _write_yaml(self, path: Path, data: dict, what: str) -> bool:
+        """Write ``data`` as YAML; True if the file changed."""
+        import yaml
+
+        text = f"# {what} (written by lab/core.py from lab/alerting.py; rewritten at every up)\n"
+        text += yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1000)
+        if path.exists() and path.read_text() == text:
+            return False
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return True
+
+    def _check_config(self, name: str, argv: list[str]) -> None:
+        if shutil.which(argv[0]) is None:
+            return  # the checker ships with the package; without it the daemon itself validates
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=str(self.lab_dir))
+        if r.returncode != 0:
+            out = (r.stdout + r.stderr).strip()
+            raise LabError(f"{name}: `{' '.join(argv)}` failed:\n{out}\nlog: {self.log(name)}")
+
+    def _write_alerting_configs(self) -> dict[str, bool]:
+        i = self.info
+        rules = self.alerting_dir / "rules.yml"
+        changed = {
+            "blackbox": self._write_yaml(self._alerting_config("blackbox"), _al.blackbox_config(),
+                                         "blackbox exporter modules"),
+            "alertmanager": self._write_yaml(
+                self._alerting_config("alertmanager"),
+                _al.alertmanager_config(gateway_url=i.gateway_url, token_file=i.alertmanager_token_file),
+                "Alertmanager: route every alert to the runbooks gateway webhook"),
+        }
+        rules_changed = self._write_yaml(rules, _al.prometheus_rules(), "Prometheus alerting rules")
+        changed["prometheus"] = self._write_yaml(
+            self._alerting_config("prometheus"),
+            _al.prometheus_config(health_url=i.health_url, blackbox_port=i.blackbox_port,
+                                  alertmanager_port=i.alertmanager_port, rules_file=rules),
+            "Prometheus: probe the web service through blackbox, alert to Alertmanager") or rules_changed
+        self._check_config("prometheus", [_al.PROMTOOL_BIN, "check", "config", str(self._alerting_config("prometheus"))])
+        self._check_config("alertmanager", [_al.AMTOOL_BIN, "check-config", str(self._alerting_config("alertmanager"))])
+        return changed
+
+    def _alerting_specs(self) -> list[tuple[str, str, int, str, list[str]]]:
+        """(name, package, port, readiness URL, argv) per alerting component."""
+        i = self.info
+        d = self.alerting_dir
+        return [
+            ("blackbox", _al.BLACKBOX_BIN, i.blackbox_port, f"{i.blackbox_url}/metrics", [
+                shutil.which(_al.BLACKBOX_BIN) or f"/usr/bin/{_al.BLACKBOX_BIN}",
+                f"--config.file={self._alerting_config('blackbox')}",
+                f"--web.listen-address=127.0.0.1:{i.blackbox_port}",
+            ]),
+            ("alertmanager", _al.ALERTMANAGER_BIN, i.alertmanager_port, f"{i.alertmanager_url}/-/ready", [
+                shutil.which(_al.ALERTMANAGER_BIN) or f"/usr/bin/{_al.ALERTMANAGER_BIN}",
+                f"--config.file={self._alerting_config('alertmanager')}",
+                f"--storage.path={d / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{i.alertmanager_port}",
+                f"--web.external-url={i.alertmanager_url}",
+                "--cluster.listen-address=",  # empty: no clustering/gossip, nothing beyond loopback
+            ]),
+            ("prometheus", _al.PROMETHEUS_BIN, i.prometheus_port, f"{i.prometheus_url}/-/ready", [
+                shutil.which(_al.PROMETHEUS_BIN) or f"/usr/bin/{_al.PROMETHEUS_BIN}",
+                f"--config.file={self._alerting_config('prometheus')}",
+                f"--storage.tsdb.path={d / 'prometheus-data'}",
+                "--storage.tsdb.retention.time=2d",
+                f"--web.listen-address=127.0.0.1:{i.prometheus_port}",
+                f"--web.external-url={i.prometheus_url}",
+                "--web.enable-lifecycle",  # POST /-/reload when the lab rewrites the config
+            ]),
+        ]
+
+    def up_alerting(self) -> LabInfo:
+        """Start (or keep) the blackbox exporter, Prometheus and Alertmanager; idempotent."""
+        self.alerting = True
+        self._prepare_dirs()
+        info = self.info
+        for name, pkg, *_ in self._alerting_specs():
+            if shutil.which(pkg) is None and not Path(f"/usr/bin/{pkg}").exists():
+                raise LabError(f"{name}: {pkg} not installed (apt-get install {pkg}); log: {self.log(name)}")
+        self.alerting_dir.mkdir(exist_ok=True)
+        for sub in ("alertmanager-data", "prometheus-data"):
+            (self.alerting_dir / sub).mkdir(exist_ok=True)
+        self._alertmanager_token()
+        self._save_info()
+        changed = self._write_alerting_configs()
+        procs: dict[str, subprocess.Popen | None] = {}
+        for name, _pkg, port, _url, argv in self._alerting_specs():
+            pid = self._alerting_alive(name)
+            if pid:
+                procs[name] = None
+                if changed[name]:
+                    self._reload_alerting(name)
+                continue
+            if _port_in_use(port):
+                raise LabError(f"{name}: port {port} on 127.0.0.1 is taken by another program; log: {self.log(name)}")
+            self.pidfile(name).unlink(missing_ok=True)
+            procs[name] = self._popen(name, argv)  # pidfile now, so down() stops it even if up fails
+        deadline = time.monotonic() + 30
+        for name, _pkg, port, url, _argv in self._alerting_specs():
+            proc = procs[name]
+
+            def ready(name=name, proc=proc, url=url) -> bool:
+                if proc is not None and proc.poll() is not None:
+                    raise self._fail(name, f"exited with code {proc.returncode} while starting")
+                return http_get(url, timeout=2)[0] == 200
+
+            self._wait_or_fail(name, ready, max(1.0, deadline - time.monotonic()),
+                               f"{url} did not answer 200")
+        # Prometheus applies discovered targets only every ~5s after start: wait for the
+        # first probe so alerts work from the moment up() returns.
+        self._wait_or_fail("prometheus", self._probe_scraped, 30,
+                           f"no scrape of the blackbox probe of {info.health_url} (see {info.prometheus_url}/targets)")
+        return info
+
+    def _probe_scraped(self) -> bool:
+        code, body = http_get(f"{self.info.prometheus_url}/api/v1/targets?state=active", timeout=2)
+        if code != 200:
+            return False
+        targets = json.loads(body)["data"]["activeTargets"]
+        return any(t["labels"].get("job") == "blackbox" and t.get("health") == "up" for t in targets)
+
+    def _reload_alerting(self, name: str) -> None:
+        i = self.info
+        base = {"blackbox": i.blackbox_url, "prometheus": i.prometheus_url, "alertmanager": i.alertmanager_url}[name]
+        req = urllib.request.Request(f"{base}/-/reload", method="POST", data=b"")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                if r.status == 200:
+                    return
+                what = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            what = f"HTTP {e.code}: {e.read().decode(errors='replace').strip()}"
+        except (urllib.error.URLError, OSError) as e:
+            what = str(getattr(e, "reason", e))
+        raise self._fail(name, f"config reload (POST {base}/-/reload) failed: {what}")
+
+    def _stop_alerting(self) -> None:
+        for name in ("prometheus", "alertmanager", "blackbox"):
+            pid = self.read_pid(name)
+            if pid and self._alerting_alive(name):
+                self._stop_pid(name, pid, signal.SIGTERM, timeout=15.0)
+            self.pidfile(name).unlink(missing_ok=True)
+
+    def down_alerting(self) -> None:
+        """Stop only the alerting stack (by PID); later up() calls leave it off."""
+        self._stop_alerting()
+        self.alerting = False
+
+    def alerting_status(self) -> dict[str, str]:
+        i = self.info
+        out: dict[str, str] = {}
+        for name, url in (("blackbox", f"{i.blackbox_url}/metrics"), ("prometheus", f"{i.prometheus_url}/-/ready"),
+                          ("alertmanager", f"{i.alertmanager_url}/-/ready")):
+            if not self._alerting_alive(name):
+                out[name] = "down"
+                continue
+            code, body = http_get(url, timeout=3)
+            out[name] = "up" if code == 200 else f"not answering ({code or body})"
+        return out

@@ -14,6 +14,9 @@ have ssh-keygen   || need+=(openssh-client)
 have redis-server || need+=(redis-server)
 have gcc          || need+=(gcc libc6-dev)
 have runuser      || need+=(util-linux)
+have prometheus   || need+=(prometheus)
+have prometheus-alertmanager      || need+=(prometheus-alertmanager)
+have prometheus-blackbox-exporter || need+=(prometheus-blackbox-exporter)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"

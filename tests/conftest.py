@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # Under the temp dir, not the checkout: the lab runs PostgreSQL as user postgres, which
@@ -75,9 +76,9 @@ def deployed(prefect_api, state_dir: Path):
     return prefect_api
 
 
-@pytest.fixture(scope="session")
-def gateway(deployed, lab, state_dir: Path):
-    """The real alert gateway (uvicorn, runner dispatch, SQLite intake) on loopback."""
+@contextmanager
+def running_gateway(settings):
+    """Serve the real gateway app (uvicorn, runner dispatch, SQLite intake) on loopback."""
     import threading
     import time
 
@@ -85,24 +86,34 @@ def gateway(deployed, lab, state_dir: Path):
     import uvicorn
 
     from gateway.__main__ import build_app
-    from gateway.settings import GatewaySettings
 
-    settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db",
-                               alertmanager_bearer_token="test-am-token")
     server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1",
                                            port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{settings.port}"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        raise RuntimeError("the gateway did not start")
-    yield settings, url
-    server.should_exit = True
-    thread.join(timeout=60)
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the gateway did not start on {url}")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def gateway(deployed, lab, state_dir: Path):
+    from gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db",
+                               alertmanager_bearer_token="test-am-token")
+    with running_gateway(settings) as url:
+        yield settings, url

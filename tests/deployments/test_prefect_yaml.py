@@ -6,10 +6,15 @@ import time
 
 import pytest
 import yaml
-from prefect.deployments import run_deployment
+import uuid
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.events import emit_event
 from prefect.flows import load_flow_from_entrypoint
 
-from deployments.stack import WORK_POOL, deploy_all, prefect_env, start_worker, stop_pid
+from deployments.stack import WORK_POOL, prefect_env, start_worker, stop_pid
+from gateway.intake import DISPATCH_EVENT
 from incident.settings import REPO_ROOT
 from tasks.http_checks import check_health
 
@@ -29,16 +34,33 @@ def test_entrypoint_and_parameters_resolve(deployment):
 
 
 @pytest.mark.lab
-def test_deployment_heals_killed_container_through_a_worker(prefect_api, healthy_web, state_dir):
-    env = prefect_env(state_dir / "prefect", prefect_api)
-    deploy_all(env)
+def test_automation_path_heals_killed_container_through_a_worker(deployed, healthy_web, state_dir):
+    """Prefect's default path: dispatch event -> prefect.yaml trigger -> worker -> flow."""
+    env = prefect_env(state_dir / "prefect", deployed)
     worker = start_worker(env, state_dir)
+    incident_id = f"INC-AUTO-{uuid.uuid4().hex[:8]}"
     try:
         healthy_web.kill_web()
         assert check_health(healthy_web.info.health_url, timeout_s=2).status_code is None
-        run = run_deployment("service-down/service-down", parameters={"target": "web"}, timeout=300)
-        assert run.state.is_completed(), run.state
+        emit_event(DISPATCH_EVENT,
+                   resource={"prefect.resource.id": f"runbooks.incident.{incident_id}"},
+                   related=[{"prefect.resource.id": "runbooks.scenario.service-down",
+                             "prefect.resource.role": "scenario"}],
+                   payload={"target": "web", "incident_id": incident_id,
+                            "trigger": {"kind": "alert", "source": "alertmanager",
+                                        "summary": "ServiceDown web", "fingerprint": "abc",
+                                        "fired_at": None}})
+        deadline = time.monotonic() + 240
+        with get_client(sync_client=True) as client:
+            while True:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"incident:{incident_id}"])), limit=1)
+                if runs and runs[0].state and runs[0].state.is_final():
+                    break
+                assert time.monotonic() < deadline, "the automation never ran the deployment"
+                time.sleep(1)
+        assert runs[0].state.is_completed(), runs[0].state
+        assert runs[0].parameters["trigger"]["source"] == "alertmanager"
         assert check_health(healthy_web.info.health_url, timeout_s=2).status_code == 200
-        assert "severity:P0" in run.tags
     finally:
         stop_pid(worker)
