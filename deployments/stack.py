@@ -126,6 +126,25 @@ def start_worker(env: dict[str, str], state: Path) -> int:
                                      "--pool", WORK_POOL, "--type", "process"], env, state)
 
 
+def start_gateway(env: dict[str, str], state: Path, lab) -> int:
+    """The alert gateway on the lab's gateway port, with the token Alertmanager presents."""
+    token = lab.info.alertmanager_token_file.read_text().strip()
+    genv = {**env, "RUNBOOKS_GATEWAY_PORT": str(lab.info.gateway_port),
+            "RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token}
+    pid = _spawn("alert-gateway", [sys.executable, "-m", "gateway", "serve"], genv, state)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise StackError(f"the alert gateway exited; see {state / 'logs' / 'alert-gateway.log'}")
+        try:
+            if httpx.get(f"{lab.info.gateway_url}/healthz", timeout=2).status_code == 200:
+                return pid
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise StackError("the alert gateway did not answer within 60 s")
+
+
 # -- CLI ------------------------------------------------------------------------------
 def _pid(state: Path, name: str) -> int | None:
     f = state / "pids" / f"{name}.pid"
@@ -138,8 +157,9 @@ def up() -> None:
     settings = get_settings()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    print("lab: starting dockerd, PostgreSQL, Redis, sshd and the web container ...", flush=True)
-    lab = Lab(settings.lab_dir)
+    print("lab: starting dockerd, PostgreSQL, Redis, sshd, the web container, blackbox, "
+          "Prometheus and Alertmanager ...", flush=True)
+    lab = Lab(settings.lab_dir, alerting=True)
     lab.up()
     home = state / "prefect"
     api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
@@ -156,7 +176,10 @@ def up() -> None:
     worker = _pid(state, "prefect-worker")
     if not (worker and _alive(worker)):
         worker = start_worker(env, state)
-    info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url,
+    gateway = _pid(state, "alert-gateway")
+    if not (gateway and _alive(gateway)):
+        gateway = start_gateway(env, state, lab)
+    info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url, "gateway": lab.info.gateway_url,
             "inventory": str(settings.inventory_path), "lab": lab.info.model_dump(mode="json")}
     (state / "stack.json").write_text(json.dumps(info, indent=2))
     print(f"""
@@ -164,10 +187,13 @@ Up.
   Prefect UI     {info['ui']}   (deployments: service-down/service-down)
   Prefect API    {api_url}
   inventory      {settings.inventory_path}
+  alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager)
+  Prometheus     {lab.info.prometheus_url}   Alertmanager {lab.info.alertmanager_url}
   target health  {lab.info.health_url}
   logs           {state / 'logs'} and {settings.lab_dir / 'logs'}
-Try: break the target with `.venv/bin/python -m lab kill-web`, then run the deployment
-from the UI (or `PREFECT_API_URL={api_url} .venv/bin/prefect deployment run service-down/service-down`).
+Try: break the target with `.venv/bin/python -m lab kill-web`: within seconds Alertmanager
+alerts the gateway, which starts service-down; watch it in the UI. Or run the deployment
+by hand from the UI (`.venv/bin/python -m lab break-web` needs your approval to roll back).
 Stop everything with `make down`.""")
 
 
@@ -176,20 +202,20 @@ def down() -> None:
 
     settings = get_settings()
     state = settings.state_dir
-    for name in ("prefect-worker", "prefect-server"):
+    for name in ("alert-gateway", "prefect-worker", "prefect-server"):
         pid = _pid(state, name)
         if pid:
             stop_pid(pid)
             (state / "pids" / f"{name}.pid").unlink(missing_ok=True)
     Lab(settings.lab_dir).down()
-    print("down: stopped the worker, the Prefect server and the lab")
+    print("down: stopped the gateway, the worker, the Prefect server and the lab")
 
 
 def status() -> None:
     from lab import Lab
 
     settings = get_settings()
-    for name in ("prefect-server", "prefect-worker"):
+    for name in ("prefect-server", "prefect-worker", "alert-gateway"):
         pid = _pid(settings.state_dir, name)
         print(f"{name:16} {'up (pid %d)' % pid if pid and _alive(pid) else 'down'}")
     for name, st in Lab(settings.lab_dir).status().items():

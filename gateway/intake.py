@@ -7,6 +7,8 @@ Two ways to start a scenario's deployment for a new incident (``RUNBOOKS_GATEWAY
   take Scheduled runs - and executes it at once in this long-lived process's thread pool.
   No worker poll, no new Python process: the first task runs well under a second
   after the alert. Measured in ``bench/alert_latency.py``.
+* ``shadow``: intake, dedup and routing as usual, incidents recorded, nothing started
+  (to trial new routes against live alerts; also what the storm benchmark measures).
 * ``automation``: Prefect's default path. The gateway emits ``runbooks.incident.dispatch``
   and the deployment trigger declared in ``prefect.yaml`` starts the run on a worker
   (worker poll + process start: seconds).
@@ -58,7 +60,7 @@ def _flow(entrypoint: str) -> Flow:
 
 
 class Dispatcher:
-    def __init__(self, store: AlertStore, mode: Literal["runner", "automation"] = "runner",
+    def __init__(self, store: AlertStore, mode: Literal["runner", "automation", "shadow"] = "runner",
                  max_parallel: int = 16) -> None:
         self.store = store
         self.mode = mode
@@ -72,6 +74,8 @@ class Dispatcher:
 
     # -- what the intake calls (never blocks the request) ---------------------------------
     def handle(self, outcome: Outcome) -> None:
+        if self.mode == "shadow":
+            return
         if outcome.disposition == "opened":
             self._runs.submit(self._guard, self._open, outcome)
         elif outcome.disposition in ("resolved", "attached") and outcome.incident:

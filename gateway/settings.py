@@ -26,9 +26,10 @@ class GatewaySettings(BaseSettings):
     routes_file: Path = Field(default=REPO_ROOT / "routes.yaml", description="Alert routes.")
     store: Path | None = Field(
         default=None, description="Intake database (SQLite); default <state dir>/gateway/alerts.db.")
-    dispatch: Literal["runner", "automation"] = Field(
+    dispatch: Literal["runner", "automation", "shadow"] = Field(
         default="runner", description="runner: start flow runs in the gateway's long-lived runner "
-        "(fast); automation: emit an event for the prefect.yaml deployment trigger.")
+        "(fast); automation: emit an event for the prefect.yaml deployment trigger; shadow: "
+        "record and decide (incidents, dedup) but start nothing.")
     max_parallel_runs: int = Field(default=16, ge=1, description="Remediations run at once (runner).")
 
     alertmanager_bearer_token: SecretStr | None = Field(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import os
 import secrets
 import shutil
@@ -217,9 +218,7 @@ class Lab:
         self.pids_dir = d / "pids"
         self.docker_dir = d / "docker"
         self.docker_socket = self.docker_dir / "docker.sock"
-        self.pg_dir = d / "pg"
-        self.pg_data = self.pg_dir / "data"
-        self.pg_sock = self.pg_dir / "sock"
+        self._set_pg_paths(d / "pg")
         self.redis_dir = d / "redis"
         self.ssh_dir = d / "ssh"
         self.secrets_dir = d / "secrets"
@@ -808,6 +807,29 @@ class Lab:
         except (OSError, ValueError, IndexError):
             return None
 
+    def _set_pg_paths(self, pg_dir: Path) -> None:
+        # resolved: user postgres must not have to pass through the lab dir to reach a link
+        self.pg_dir = pg_dir.resolve() if pg_dir.is_symlink() else pg_dir
+        self.pg_data = self.pg_dir / "data"
+        self.pg_sock = self.pg_dir / "sock"
+
+    def _place_pg_dir(self) -> None:
+        """PostgreSQL runs as user postgres, which must traverse every parent of its data dir.
+        A lab dir below a 0700 dir (say a checkout in /root) cannot hold it: then the data
+        lives in <tmp>/rb-pg-<hash of the lab dir> and lab_dir/pg is a link to it."""
+        link = self.lab_dir / "pg"
+        if link.exists() or link.is_symlink():
+            return
+        if self._pg("test", "-x", str(self.lab_dir), check=False).returncode == 0:
+            return
+        digest = hashlib.sha256(str(self.lab_dir.resolve()).encode()).hexdigest()[:10]
+        target = Path(tempfile.gettempdir()) / f"rb-pg-{digest}"
+        target.mkdir(exist_ok=True)
+        os.chmod(target, 0o755)
+        link = self.lab_dir / "pg"
+        link.symlink_to(target, target_is_directory=True)
+        self._set_pg_paths(link)
+
     def _up_postgres(self) -> None:
         port = self.info.pg_port
         pid = self._postmaster_pid()
@@ -829,11 +851,14 @@ class Lab:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             raise LabError("postgres: no 'postgres' user (apt-get install postgresql-15)") from None
+        self._place_pg_dir()
         self.pg_dir.mkdir(exist_ok=True)
         self.pg_sock.mkdir(exist_ok=True)
         os.chown(self.pg_dir, pw.pw_uid, pw.pw_gid)
         os.chown(self.pg_sock, pw.pw_uid, pw.pw_gid)
         log = self.log("postgres")
+        if (self.lab_dir / "pg").is_symlink():  # postgres cannot reach the lab's logs dir either
+            log = self.pg_dir / "postgres.log"
         log.touch()
         os.chown(log, pw.pw_uid, pw.pw_gid)
         if self._pg("test", "-x", str(self.pg_dir), check=False).returncode != 0:

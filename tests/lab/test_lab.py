@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 
 from incident.inventory import load_inventory
+import shutil
+import tempfile
+
+import psycopg
+
 from lab import Lab, http_get, pid_alive
 
 pytestmark = pytest.mark.lab
@@ -167,3 +172,24 @@ def test_down_leaves_nothing_alive(lab):
     assert set(lab.status().values()) <= {"down", "down (dockerd down)"}
     lab.up()  # the rest of the run shares this lab
     assert lab.status()["web"] == "up"
+
+
+def test_lab_below_a_private_dir_still_runs_postgres():
+    """A checkout under a 0700 dir (say /root): user postgres cannot traverse it, so the
+    lab keeps PostgreSQL's data in the temp dir, linked from lab_dir/pg."""
+    private = Path(tempfile.mkdtemp(prefix="rb-priv-"))  # 0700, short (unix socket paths)
+    other = Lab(private / "lab")
+    try:
+        other.up()
+        assert (other.lab_dir / "pg").is_symlink()
+        pg_pid = other.read_pid("postgres")
+        assert pid_alive(pg_pid)
+        password = other.info.pg_password_file.read_text().strip()
+        with psycopg.connect(host="127.0.0.1", port=other.info.pg_port, dbname="app", user="app",
+                             password=password, connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        other.down()
+        shutil.rmtree((private / "lab" / "pg").resolve(), ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+    assert not pid_alive(pg_pid)

@@ -1,0 +1,219 @@
+"""Benchmarks of the alert path (not tests). Prints one JSON document.
+
+Starts its own Prefect server, lab, deployments, worker and gateways on loopback, then:
+
+1. latency: N distinct ServiceDown alerts (healthy target: each run diagnoses and ends
+   "Already Fine"), alert POST -> flow run created, and -> first task running
+   (p50/p99), for the gateway's runner dispatch and for Prefect's default path
+   (event -> prefect.yaml automation -> deployment on a polling process worker).
+2. sustained: distinct alerts at a steady rate into a shadow-dispatch gateway:
+   incidents opened per second and intake latency p99 per rate.
+3. storm: 1,000 distinct alerts x 10 duplicates, sent concurrently: incidents opened
+   (goal 1,000), lost (goal 0), intake p99.
+
+    .venv/bin/python bench/alert_intake.py [--latency-alerts 50] [--automation-alerts 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+STATE = Path(tempfile.mkdtemp(prefix="rb-bench-"))
+STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
+os.environ["RUNBOOKS_STATE_DIR"] = str(STATE)
+os.environ["RUNBOOKS_INVENTORY"] = str(STATE / "lab" / "inventory.yaml")
+
+from deployments.stack import (deploy_all, free_port, prefect_env, start_prefect_server,  # noqa: E402
+                               start_worker, stop_pid)
+
+PORT = free_port()
+os.environ.update(prefect_env(STATE / "prefect", f"http://127.0.0.1:{PORT}/api"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import httpx  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))], 4)
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50_s": pct(values, 50), "p99_s": pct(values, 99),
+            "max_s": round(max(values), 4)} if values else {"n": 0}
+
+
+def alert_body(instance: str, service: str = "web") -> bytes:
+    from gateway.__main__ import service_down_alert
+
+    body = service_down_alert(service)
+    body["alerts"][0]["labels"]["instance"] = instance
+    return json.dumps(body).encode()
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def first_task_start(client, run_id) -> float | None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    starts = [t.start_time.timestamp() for t in tasks if t.start_time]
+    return min(starts) if starts else None
+
+
+def measure_latency(url: str, n: int, prefix: str, spacing_s: float, timeout_s: float) -> dict:
+    """POST n distinct alerts; for each, when its run was created and its first task started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    sent: dict[str, float] = {}
+    for i in range(n):
+        body = alert_body(f"{prefix}-{i}")
+        t0 = time.time()
+        resp = httpx.post(f"{url}/alerts/alertmanager", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=10)
+        resp.raise_for_status()
+        sent[resp.json()["intake"]["alerts"][0]["incident_id"]] = t0
+        time.sleep(spacing_s)
+    created, running = [], []
+    deadline = time.time() + timeout_s
+    with get_client(sync_client=True) as client:
+        pending = dict(sent)
+        while pending and time.time() < deadline:
+            for incident_id, t0 in list(pending.items()):
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"incident:{incident_id}"])), limit=1)
+                if not runs:
+                    continue
+                start = first_task_start(client, runs[0].id)
+                if start is None:
+                    continue
+                created.append(runs[0].created.timestamp() - t0)
+                running.append(start - t0)
+                del pending[incident_id]
+            time.sleep(0.5)
+    return {"alerts": n, "measured": len(running), "post_to_run_created": summary(created),
+            "post_to_first_task_running": summary(running)}
+
+
+async def blast(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async def worker():
+            nonlocal failures
+            while not queue.empty():
+                body = queue.get_nowait()
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/alerts/alertmanager", content=body,
+                                      headers={"Content-Type": "application/json"})
+                latencies.append(time.perf_counter() - t0)
+                failures += r.status_code != 202
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, failures
+
+
+async def steady(url: str, rate: float, seconds: float, prefix: str) -> dict:
+    latencies: list[float] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def one(i: int):
+            t0 = time.perf_counter()
+            r = await client.post(f"{url}/alerts/alertmanager", content=alert_body(f"{prefix}-{i}"),
+                                  headers={"Content-Type": "application/json"})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+        start = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {"rate_per_s": rate, "alerts": len(latencies), "achieved_per_s": round(len(latencies) / elapsed, 1),
+            "intake": summary(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-alerts", type=int, default=50)
+    parser.add_argument("--automation-alerts", type=int, default=10)
+    parser.add_argument("--storm-distinct", type=int, default=1000)
+    parser.add_argument("--storm-dups", type=int, default=10)
+    args = parser.parse_args()
+
+    from gateway.settings import GatewaySettings
+    from gateway.store import AlertStore
+    from lab import Lab
+    from tests.conftest import running_gateway
+
+    server, api = start_prefect_server(STATE / "prefect", PORT, STATE, ui=False)
+    lab = Lab(STATE / "lab")
+    worker = None
+    result: dict = {"benchmark": "alert intake", "machine": f"{os.cpu_count()} cores"}
+    try:
+        lab.up()
+        env = prefect_env(STATE / "prefect", api)
+        deploy_all(env)
+        worker = start_worker(env, STATE)
+        runner = GatewaySettings(port=free_port(), store=STATE / "runner.db")
+        with running_gateway(runner) as url:
+            measure_latency(url, 3, "warm", 1.0, 60)  # imports, caches, first round trips
+            result["latency_runner"] = measure_latency(url, args.latency_alerts, "lat", 0.5, 300)
+        auto = GatewaySettings(port=free_port(), store=STATE / "auto.db", dispatch="automation")
+        with running_gateway(auto) as url:
+            result["latency_prefect_default_path"] = measure_latency(
+                url, args.automation_alerts, "auto", 2.0, 600)
+
+        shadow = GatewaySettings(port=free_port(), store=STATE / "shadow.db", dispatch="shadow")
+        with running_gateway(shadow) as url:
+            result["sustained"] = [asyncio.run(steady(url, rate, 10, f"s{rate}"))
+                                   for rate in (20, 50, 100)]
+            store = AlertStore(shadow.store_path)
+            before = store.counts()
+            bodies = [alert_body(f"storm-{i}") for i in range(args.storm_distinct)]
+            deliveries = [b for b in bodies for _ in range(args.storm_dups)]
+            random.Random(7).shuffle(deliveries)
+            t0 = time.perf_counter()
+            latencies, failures = asyncio.run(blast(url, deliveries, concurrency=64))
+            elapsed = time.perf_counter() - t0
+            after = store.counts()
+            store.close()
+        recorded = sum(after.get(k, 0) - before.get(k, 0) for k in ("opened", "duplicate", "attached"))
+        result["storm"] = {
+            "deliveries": len(deliveries), "distinct": args.storm_distinct, "concurrency": 64,
+            "seconds": round(elapsed, 2), "non_202": failures,
+            "incidents_opened": after["incidents"] - before["incidents"],
+            "duplicates": after.get("duplicate", 0) - before.get("duplicate", 0),
+            "lost": len(deliveries) - recorded,
+            "intake": summary(latencies),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        if worker:
+            stop_pid(worker)
+        lab.down()
+        stop_pid(server)
+        shutil.rmtree(STATE, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
