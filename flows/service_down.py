@@ -20,6 +20,7 @@ a deadline, else escalate and fail saying what was seen).
 from __future__ import annotations
 
 from prefect import flow
+from prefect.futures import PrefectFuture
 from prefect.states import State
 
 from incident.approval import ActionPlan, request_approval
@@ -62,15 +63,17 @@ def service_down(
     service = load_target(target)
     incident = open_incident(SCENARIO, service, trigger, incident_id, dry_run)
 
-    # 1. Diagnose
-    health, container = diagnose(incident, service)
+    # 1. Diagnose (host disk/memory is read over SSH meanwhile: recorded at step 4)
+    health, container, host_resources = diagnose(incident, service)
     if health.healthy:
+        record_host_resources(incident, host_resources)
         return incident.close("already fine", f"{health.describe()}; nothing to do")
 
     # 2. Contain
     incident.enter("contain", "service is down")
     incident.set_severity(service.service.severity_down, f"{service.name} health check fails")
     if container.running:
+        record_host_resources(incident, host_resources)
         return escalate_and_fail(incident, "the container runs but the service is unhealthy; "
                                  "a restart is not this runbook's fix - see the findings")
 
@@ -79,12 +82,14 @@ def service_down(
     restart = plan_restart(service, container)
     decision = request_approval(incident, restart, service)
     if not decision.approved:
+        record_host_resources(incident, host_resources)
         return close_unapproved(incident, decision.record.decision, restart)
     result = restart_container(service)
     incident.action(result.action, result.target, result.changed, result.detail)
     recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s,
                                    interval_s=probe_interval_s)
     incident.note("fix", f"after restart: {recovered.describe()}")
+    record_host_resources(incident, host_resources)  # runbook 001 step 4: disk space, memory
 
     if not recovered.healthy:
         state = inspect_container(service)
@@ -98,35 +103,51 @@ def service_down(
         result = rollback_container(service, expected_from=state.image)
         incident.action(result.action, result.target, result.changed, result.detail)
 
-    # 4. Verify
+    # 4. Verify: the streak of healthy probes may start with the one that ended the fix
     incident.enter("verify", f"{healthy_probes} consecutive healthy probes within {verify_deadline_s} s")
     streak = wait_until_healthy(service, consecutive=healthy_probes, deadline_s=verify_deadline_s,
-                                interval_s=probe_interval_s)
+                                interval_s=probe_interval_s,
+                                streak_so_far=recovered.consecutive if recovered.healthy else 0)
     incident.verified(streak.describe())
     if not streak.healthy:
         return escalate_and_fail(incident, f"not healthy after remediation: {streak.describe()}")
     return incident.close("resolved", f"{service.name} healthy again ({streak.describe()})")
 
 
-def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, ContainerState]:
-    """Runbook steps 1, 2 and 4: is it up, what does the container say, deps, resources."""
+def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, ContainerState, PrefectFuture | None]:
+    """Runbook steps 1, 2 and 4: is it up, what does the container say, deps, resources.
+
+    The checks only read, so they run concurrently; findings are recorded in a fixed
+    order. Host resources (an SSH round trip) do not decide the next step, so their
+    future is returned and recorded by ``record_host_resources`` when the flow needs it.
+    """
     incident.enter("diagnose", f"checking {service.name}")
-    health = probe_health(service)
-    incident.finding("health", health.healthy, health.describe())
-    container = inspect_container(service)
-    incident.finding("container", container.running, container.describe())
-    if not container.running or container.restart_count:
-        logs = read_container_logs(service, lines=20)
-        errors = [line for line in logs if any(w in line.lower() for w in ("fatal", "error", "panic"))]
-        incident.finding("logs", not errors, " | ".join((errors or logs)[-5:]) or "(no log lines)")
-    for dep in (check_postgres(service), check_redis(service)):
+    resources = read_host_resources.submit(service) if service.ssh is not None else None
+    health = probe_health.submit(service)
+    container = inspect_container.submit(service)
+    logs = read_container_logs.submit(service, lines=20)
+    deps = [check_postgres.submit(service), check_redis.submit(service)]
+
+    incident.finding("health", health.result().healthy, health.result().describe())
+    state = container.result()
+    incident.finding("container", state.running, state.describe())
+    if not state.running or state.restart_count:
+        lines = logs.result()
+        errors = [line for line in lines if any(w in line.lower() for w in ("fatal", "error", "panic"))]
+        incident.finding("logs", not errors, " | ".join((errors or lines)[-5:]) or "(no log lines)")
+    for dep in (d.result() for d in deps):
         if dep is not None:
             incident.finding(dep.name, dep.ok, f"{dep.address}: {dep.detail}")
-    if service.ssh is not None:
-        resources = read_host_resources(service)
-        tight = [d for d in resources.disks if d.used_percent >= 90]
-        incident.finding("host resources", not tight, resources.describe())
-    return health, container
+    return health.result(), state, resources
+
+
+def record_host_resources(incident: Incident, resources: PrefectFuture | None) -> None:
+    """Runbook 001 step 4 / 003: disk and memory of the host, flagged at 90 % disk use."""
+    if resources is None:
+        return
+    res = resources.result()
+    tight = [d for d in res.disks if d.used_percent >= 90]
+    incident.finding("host resources", not tight, res.describe())
 
 
 def plan_restart(service: Target, container: ContainerState) -> ActionPlan:

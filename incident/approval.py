@@ -52,8 +52,9 @@ class ActionPlan(BaseModel):
             f"- **Expected effect:** {self.expected_effect}\n"
             f"- **How to undo:** {self.undo}\n"
             f"- **Destructive:** {'yes' if self.destructive else 'no'}\n\n"
-            "Choose **approve** to run it or **reject** to stop without changing anything, "
-            "and give a reason (it goes into the incident record)."
+            "Choose **approve** to run it, **reject** to stop without changing anything, or "
+            "**stand-down** if the system recovered by itself; give a reason (it goes into the "
+            "incident record)."
         )
 
 
@@ -143,6 +144,7 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
     settings = get_settings()
     incident.note("fix", f"waiting for a human decision on {plan.action} "
                          f"(times out in {settings.approval_timeout_s} s)")
+    incident.publish()  # the report shows the plan while the run waits
     form = ApprovalForm.with_initial_data(description=plan.markdown(rec.scenario, rec.incident_id))
     try:
         answer = pause_flow_run(

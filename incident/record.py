@@ -126,7 +126,8 @@ class Incident:
         self._log(phase, event)
 
     def note(self, phase: Phase, event: str) -> None:
-        self._log(phase, event)
+        """A timeline line; the report is republished at the next phase, action or decision."""
+        self._log(phase, event, publish=False)
 
     def finding(self, check: str, ok: bool, detail: str) -> None:
         self.record.findings.append(Finding(at=_now(), check=check, ok=ok, detail=detail))
@@ -188,10 +189,11 @@ class Incident:
             tags.append(f"outcome:{r.outcome.replace(' ', '-')}")
         return tags
 
-    def _log(self, phase: Phase, event: str) -> None:
+    def _log(self, phase: Phase, event: str, publish: bool = True) -> None:
         self.record.timeline.append(TimelineEntry(at=_now(), phase=phase, event=event))
         self._logger.info("[%s] %s", phase, event)
-        self.publish()
+        if publish:
+            self.publish()
 
     def alert_updates(self) -> list[str]:
         """Fetch what the gateway sent about this incident's alert since the run started."""

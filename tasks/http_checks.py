@@ -79,12 +79,19 @@ def probe_health(target: Target) -> HealthProbe:
 
 @task(cache_policy=NO_CACHE)
 def wait_until_healthy(
-    target: Target, consecutive: int = 3, deadline_s: float = 30.0, interval_s: float = 1.0
+    target: Target, consecutive: int = 3, deadline_s: float = 30.0, interval_s: float = 1.0,
+    streak_so_far: int = 0,
 ) -> HealthStreak:
-    """Probe until ``consecutive`` good answers in a row, or the deadline passes."""
+    """Probe until ``consecutive`` good answers in a row, or the deadline passes.
+
+    ``streak_so_far``: good answers already seen in a row just before (the probe that
+    showed a restart worked); the streak continues from there, one interval later.
+    """
     url = target.service.health_url
     deadline = time.monotonic() + deadline_s
-    streak = probes = 0
+    streak, probes = streak_so_far, 0
+    if streak:
+        time.sleep(interval_s)
     while True:
         last = check_health(url)
         probes += 1

@@ -84,8 +84,20 @@ def ssh_connect(host: SshHost) -> paramiko.SSHClient:
 
 def run_command(host: SshHost, argv: list[str], timeout_s: float = 30.0) -> CommandResult:
     """Run ``argv`` on the host (quoted for the remote shell); plain function used by tasks."""
-    command = shlex.join(argv)
+    return run_commands(host, [argv], timeout_s)[0]
+
+
+def run_commands(host: SshHost, commands: list[list[str]], timeout_s: float = 30.0) -> list[CommandResult]:
+    """Run several commands over one SSH connection (one key exchange), each quoted."""
     client = ssh_connect(host)
+    try:
+        return [_exec(client, host, argv, timeout_s) for argv in commands]
+    finally:
+        client.close()
+
+
+def _exec(client: paramiko.SSHClient, host: SshHost, argv: list[str], timeout_s: float) -> CommandResult:
+    command = shlex.join(argv)
     try:
         _, stdout, stderr = client.exec_command(command, timeout=timeout_s)
         out = stdout.read().decode("utf-8", errors="replace")
@@ -94,8 +106,6 @@ def run_command(host: SshHost, argv: list[str], timeout_s: float = 30.0) -> Comm
     except (paramiko.SSHException, socket.timeout) as exc:
         raise SshError(f"{host.hostname}:{host.port}", f"command {command!r} did not finish ({exc})",
                        f"it to finish within {timeout_s}s", "run it by hand on the host") from None
-    finally:
-        client.close()
     return CommandResult(command=command, exit_code=code, stdout=out, stderr=err)
 
 
@@ -117,8 +127,7 @@ def read_host_resources(target: Target, paths: list[str] | None = None) -> HostR
     """Runbook: `df -h` and `free -h` on the service's host."""
     host = _require_ssh(target)
     paths = paths or ["/"]
-    df = run_command(host, ["df", "-Pk", "--", *paths])
-    mem = run_command(host, ["cat", "/proc/meminfo"])
+    df, mem = run_commands(host, [["df", "-Pk", "--", *paths], ["cat", "/proc/meminfo"]])
     if not df.ok or not mem.ok:
         raise SshError(f"{host.hostname}:{host.port}", f"df/meminfo failed: {df.stderr or mem.stderr}",
                        "df and /proc/meminfo to work", "check the host by hand")
