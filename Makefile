@@ -19,3 +19,4 @@ test:
 bench:
 	@scripts/bootstrap.sh
 	@$(PY) bench/service_down.py
+	@$(PY) bench/alert_intake.py

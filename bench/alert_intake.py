@@ -6,8 +6,10 @@ Starts its own Prefect server, lab, deployments, worker and gateways on loopback
    "Already Fine"), alert POST -> flow run created, and -> first task running
    (p50/p99), for the gateway's runner dispatch and for Prefect's default path
    (event -> prefect.yaml automation -> deployment on a polling process worker).
-2. sustained: distinct alerts at a steady rate into a shadow-dispatch gateway:
-   incidents opened per second and intake latency p99 per rate.
+2. sustained: distinct alerts at a steady rate into the runner gateway, each starting a
+   real run against the lab: runs created per second, post -> first task running, intake
+   latency p99, time until every run ended; then the intake alone (shadow dispatch) at
+   higher rates.
 3. storm: 1,000 distinct alerts x 10 duplicates, sent concurrently: incidents opened
    (goal 1,000), lost (goal 0), intake p99.
 
@@ -22,19 +24,12 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-STATE = Path(tempfile.mkdtemp(prefix="rb-bench-"))
-STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
-os.environ["RUNBOOKS_STATE_DIR"] = str(STATE)
-os.environ["RUNBOOKS_INVENTORY"] = str(STATE / "lab" / "inventory.yaml")
+from _state import STATE  # noqa: E402  (first: sets the state dir)
 
 from deployments.stack import (deploy_all, free_port, prefect_env, start_prefect_server,  # noqa: E402
                                start_worker, stop_pid)
@@ -76,26 +71,38 @@ def first_task_start(client, run_id) -> float | None:
     return min(starts) if starts else None
 
 
-def measure_latency(url: str, n: int, prefix: str, spacing_s: float, timeout_s: float) -> dict:
-    """POST n distinct alerts; for each, when its run was created and its first task started."""
+def post_alert(url: str, instance: str) -> tuple[str, float]:
+    body = alert_body(instance)
+    t0 = time.time()
+    resp = httpx.post(f"{url}/alerts/alertmanager", content=body,
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()["intake"]["alerts"][0]["incident_id"], t0
+
+
+def wait_first_tasks(sent: dict[str, float], timeout_s: float,
+                     store_path: Path | None = None) -> tuple[list[float], list[float]]:
+    """For each incident (id -> POST time): seconds until its run was created / first task ran.
+
+    With the gateway's store, an incident closed without a run (dispatch failed) stops
+    being waited for; it is missing from the figures (compare ``measured`` with ``alerts``).
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    sent: dict[str, float] = {}
-    for i in range(n):
-        body = alert_body(f"{prefix}-{i}")
-        t0 = time.time()
-        resp = httpx.post(f"{url}/alerts/alertmanager", content=body,
-                          headers={"Content-Type": "application/json"}, timeout=10)
-        resp.raise_for_status()
-        sent[resp.json()["intake"]["alerts"][0]["incident_id"]] = t0
-        time.sleep(spacing_s)
+    from gateway.store import AlertStore
+
     created, running = [], []
     deadline = time.time() + timeout_s
+    store = AlertStore(store_path) if store_path else None
     with get_client(sync_client=True) as client:
         pending = dict(sent)
         while pending and time.time() < deadline:
             for incident_id, t0 in list(pending.items()):
+                inc = store.incident(incident_id) if store else None
+                if inc and inc.status == "closed" and inc.outcome.startswith("dispatch failed"):
+                    del pending[incident_id]
+                    continue
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     tags=FlowRunFilterTags(all_=[f"incident:{incident_id}"])), limit=1)
                 if not runs:
@@ -107,8 +114,59 @@ def measure_latency(url: str, n: int, prefix: str, spacing_s: float, timeout_s: 
                 running.append(start - t0)
                 del pending[incident_id]
             time.sleep(0.5)
+    if store:
+        store.close()
+    return created, running
+
+
+def measure_latency(url: str, n: int, prefix: str, spacing_s: float, timeout_s: float,
+                    store_path: Path | None = None) -> dict:
+    """POST n distinct alerts one by one; for each, when its run was created and its first task started."""
+    sent: dict[str, float] = {}
+    for i in range(n):
+        incident_id, t0 = post_alert(url, f"{prefix}-{i}")
+        sent[incident_id] = t0
+        time.sleep(spacing_s)
+    created, running = wait_first_tasks(sent, timeout_s, store_path)
     return {"alerts": n, "measured": len(running), "post_to_run_created": summary(created),
             "post_to_first_task_running": summary(running)}
+
+
+def wait_closed(store_path: Path, incident_ids: list[str], timeout_s: float) -> dict[str, int]:
+    from gateway.store import AlertStore
+
+    store = AlertStore(store_path)
+    deadline = time.time() + timeout_s
+    try:
+        while True:
+            incs = [store.incident(i) for i in incident_ids]
+            if all(i and i.status == "closed" for i in incs) or time.time() > deadline:
+                outcomes: dict[str, int] = {}
+                for i in incs:
+                    key = (i.outcome if i and i.status == "closed" else "still open") or "?"
+                    outcomes[key] = outcomes.get(key, 0) + 1
+                return outcomes
+            time.sleep(0.5)
+    finally:
+        store.close()
+
+
+def sustained_remediations(url: str, store_path: Path, rate: float, seconds: float) -> dict:
+    """Distinct alerts at a steady rate into the runner gateway: every one starts a real run."""
+    result = asyncio.run(steady(url, rate, seconds, f"r{rate}"))
+    sent = result.pop("sent")
+    t_first = min(sent.values())
+    created, running = wait_first_tasks(sent, 600, store_path)
+    outcomes = wait_closed(store_path, list(sent), 600)
+    created_at = sorted(t0 + c for t0, c in zip(sent.values(), created))
+    result.update({
+        "runs_created_per_s": round(len(created_at) / max(1e-9, created_at[-1] - t_first), 1) if created_at else 0,
+        "post_to_run_created": summary(created),
+        "post_to_first_task_running": summary(running),
+        "drained_s": round(time.time() - t_first, 1),
+        "outcomes": outcomes,
+    })
+    return result
 
 
 async def blast(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], int]:
@@ -134,13 +192,15 @@ async def blast(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[f
 
 async def steady(url: str, rate: float, seconds: float, prefix: str) -> dict:
     latencies: list[float] = []
+    sent: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=30) as client:
         async def one(i: int):
-            t0 = time.perf_counter()
+            wall, t0 = time.time(), time.perf_counter()
             r = await client.post(f"{url}/alerts/alertmanager", content=alert_body(f"{prefix}-{i}"),
                                   headers={"Content-Type": "application/json"})
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
+            sent[r.json()["intake"]["alerts"][0]["incident_id"]] = wall
         start = time.perf_counter()
         tasks = []
         for i in range(int(rate * seconds)):
@@ -149,7 +209,12 @@ async def steady(url: str, rate: float, seconds: float, prefix: str) -> dict:
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     return {"rate_per_s": rate, "alerts": len(latencies), "achieved_per_s": round(len(latencies) / elapsed, 1),
-            "intake": summary(latencies)}
+            "intake": summary(latencies), "sent": sent}
+
+
+def progress(result: dict) -> None:
+    """Figures so far on stderr: a long run that is stopped still says what it measured."""
+    print(json.dumps(result), file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -158,16 +223,22 @@ def main() -> None:
     parser.add_argument("--automation-alerts", type=int, default=10)
     parser.add_argument("--storm-distinct", type=int, default=1000)
     parser.add_argument("--storm-dups", type=int, default=10)
+    parser.add_argument("--latency-spacing-s", type=float, default=2.0,
+                        help="between latency alerts: above one run's cost, so that latency is "
+                             "measured, not queueing (the sustained part measures that)")
+    parser.add_argument("--sustained-rates", type=float, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--intake-rates", type=float, nargs="+", default=[20, 50, 100, 200])
+    parser.add_argument("--sustained-s", type=float, default=10)
     args = parser.parse_args()
 
     from gateway.settings import GatewaySettings
     from gateway.store import AlertStore
     from lab import Lab
-    from tests.conftest import running_gateway
+    from gateway.__main__ import serving
 
     server, api = start_prefect_server(STATE / "prefect", PORT, STATE, ui=False)
     lab = Lab(STATE / "lab")
-    worker = None
+    worker, ok = None, False
     result: dict = {"benchmark": "alert intake", "machine": f"{os.cpu_count()} cores"}
     try:
         lab.up()
@@ -175,18 +246,27 @@ def main() -> None:
         deploy_all(env)
         worker = start_worker(env, STATE)
         runner = GatewaySettings(port=free_port(), store=STATE / "runner.db")
-        with running_gateway(runner) as url:
-            measure_latency(url, 3, "warm", 1.0, 60)  # imports, caches, first round trips
-            result["latency_runner"] = measure_latency(url, args.latency_alerts, "lat", 0.5, 300)
+        with serving(runner) as url:
+            measure_latency(url, 3, "warm", 1.0, 60, runner.store_path)  # imports, first round trips
+            result["latency_runner"] = measure_latency(url, args.latency_alerts, "lat",
+                                                       args.latency_spacing_s, 300, runner.store_path)
+            progress(result)
+            result["sustained_remediations"] = []
+            for rate in args.sustained_rates:
+                result["sustained_remediations"].append(
+                    sustained_remediations(url, runner.store_path, rate, args.sustained_s))
+                progress(result)
         auto = GatewaySettings(port=free_port(), store=STATE / "auto.db", dispatch="automation")
-        with running_gateway(auto) as url:
+        with serving(auto) as url:
             result["latency_prefect_default_path"] = measure_latency(
                 url, args.automation_alerts, "auto", 2.0, 600)
+            progress(result)
 
         shadow = GatewaySettings(port=free_port(), store=STATE / "shadow.db", dispatch="shadow")
-        with running_gateway(shadow) as url:
-            result["sustained"] = [asyncio.run(steady(url, rate, 10, f"s{rate}"))
-                                   for rate in (20, 50, 100)]
+        with serving(shadow) as url:
+            result["sustained_intake_only"] = [
+                {k: v for k, v in asyncio.run(steady(url, rate, 10, f"s{rate}")).items() if k != "sent"}
+                for rate in args.intake_rates]
             store = AlertStore(shadow.store_path)
             before = store.counts()
             bodies = [alert_body(f"storm-{i}") for i in range(args.storm_distinct)]
@@ -207,12 +287,16 @@ def main() -> None:
             "intake": summary(latencies),
         }
         print(json.dumps(result, indent=2))
+        ok = True
     finally:
         if worker:
             stop_pid(worker)
         lab.down()
         stop_pid(server)
-        shutil.rmtree(STATE, ignore_errors=True)
+        if ok:
+            shutil.rmtree(STATE, ignore_errors=True)
+        else:
+            print(f"kept {STATE} (logs/) for a look", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,9 @@ import json
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-STATE = Path(tempfile.mkdtemp(prefix="rb-bench-"))
-STATE.chmod(0o755)  # the lab runs PostgreSQL as user postgres below it
-os.environ["RUNBOOKS_STATE_DIR"] = str(STATE)
-os.environ["RUNBOOKS_INVENTORY"] = str(STATE / "lab" / "inventory.yaml")
+from _state import STATE  # noqa: E402  (first: sets the state dir)
 
 from deployments.stack import free_port, prefect_env, start_prefect_server, stop_pid  # noqa: E402
 

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,9 +35,56 @@ def build_app(settings: GatewaySettings):
     store = AlertStore(settings.store_path)
     dispatcher = Dispatcher(store, mode=settings.dispatch, max_parallel=settings.max_parallel_runs)
     app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher))
+    app.router.on_startup.append(lambda: _recover_in_background(dispatcher))
     app.router.on_shutdown.append(dispatcher.shutdown)
     app.router.on_shutdown.append(store.close)
     return app
+
+
+def _recover_in_background(dispatcher) -> None:
+    """Finish what a previous gateway left open, without delaying the intake."""
+    import logging
+    import threading
+
+    def recover() -> None:
+        try:
+            dispatcher.recover()
+        except Exception:
+            logging.getLogger("gateway").exception(
+                "recovering open incidents failed; they stay open in the intake store - restart "
+                "the gateway once the Prefect API is reachable")
+
+    threading.Thread(target=recover, name="recover-incidents", daemon=True).start()
+
+
+@contextmanager
+def serving(settings: GatewaySettings) -> Iterator[str]:
+    """Serve the gateway in a thread of this process (tests, benchmarks); yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), host=settings.host,
+                                           port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    url = f"http://{settings.host}:{settings.port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the gateway did not start on {url}; see the log above")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def serve(settings: GatewaySettings) -> None:

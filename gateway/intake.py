@@ -6,7 +6,7 @@ Two ways to start a scenario's deployment for a new incident (``RUNBOOKS_GATEWAY
   the deployment's run in the UI, with its parameters) in state Pending - workers only
   take Scheduled runs - and executes it at once in this long-lived process's thread pool.
   No worker poll, no new Python process: the first task runs well under a second
-  after the alert. Measured in ``bench/alert_latency.py``.
+  after the alert. Measured in ``bench/alert_intake.py``.
 * ``shadow``: intake, dedup and routing as usual, incidents recorded, nothing started
   (to trial new routes against live alerts; also what the storm benchmark measures).
 * ``automation``: Prefect's default path. The gateway emits ``runbooks.incident.dispatch``
@@ -21,29 +21,35 @@ incident is already open for an alert, nor stand a paused run down when it resol
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, Literal
 
 import anyio
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events import emit_event
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.flow_engine import run_flow
 from prefect.flow_runs import resume_flow_run
 from prefect.flows import Flow, load_flow_from_entrypoint
-from prefect.states import Pending
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Crashed, Pending
 
 from gateway.models import Alert, Delivery
 from gateway.routing import Router
 from gateway.store import AlertStore, Incident, Outcome
+from incident.escalation import EscalationNotice, send_escalation
 from incident.record import Trigger, add_alert_update
 from incident.settings import REPO_ROOT
 
 log = logging.getLogger("gateway.intake")
 
 DISPATCH_EVENT = "runbooks.incident.dispatch"
+CREATE_RUN_PATIENCE_S = 300.0
 OPENED_EVENT = "runbooks.incident.opened"
 
 
@@ -60,44 +66,58 @@ def _flow(entrypoint: str) -> Flow:
 
 
 class Dispatcher:
+    """Starts remediations for new incidents and passes later notifications on.
+
+    Runner mode has two stages so that a busy runner never hides an incident: a small
+    pool creates each flow run at once (Pending, visible in the UI with its incident
+    tags), then the run waits for one of ``max_parallel`` executor threads. Runs that wait
+    for an approval hold their thread, so ``max_parallel`` bounds remediations in flight.
+    """
+
     def __init__(self, store: AlertStore, mode: Literal["runner", "automation", "shadow"] = "runner",
                  max_parallel: int = 16) -> None:
         self.store = store
         self.mode = mode
+        self.max_parallel = max_parallel
+        self._starts = ThreadPoolExecutor(4, thread_name_prefix="remediation-start")
         self._runs = ThreadPoolExecutor(max_parallel, thread_name_prefix="remediation")
         self._notes = ThreadPoolExecutor(4, thread_name_prefix="alert-update")
         self._deployments: dict[str, Any] = {}
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     def shutdown(self) -> None:
+        """Let running remediations finish; drop queued ones - they stay open in the store
+        (and Pending in Prefect) and the next start's ``recover`` runs them."""
+        self._starts.shutdown(wait=True, cancel_futures=True)
         self._notes.shutdown(wait=True)
-        self._runs.shutdown(wait=True)
+        self._runs.shutdown(wait=True, cancel_futures=True)
 
     # -- what the intake calls (never blocks the request) ---------------------------------
     def handle(self, outcome: Outcome) -> None:
         if self.mode == "shadow":
             return
         if outcome.disposition == "opened":
-            self._runs.submit(self._guard, self._open, outcome)
+            self._starts.submit(self._guard, self._open, outcome.incident, outcome.alert)
         elif outcome.disposition in ("resolved", "attached") and outcome.incident:
-            self._notes.submit(self._guard, self._update, outcome)
+            self._notes.submit(self._guard, self._update, outcome.incident, outcome, closes=False)
 
-    def _guard(self, fn, outcome: Outcome) -> None:
-        """Worker-thread boundary: a failure is logged and written to the store, then re-raised
-        into the executor's future (nothing is swallowed silently)."""
+    def _guard(self, fn, inc: Incident, *args, closes: bool = True) -> None:
+        """Worker-thread boundary: a failure is logged (and, when starting or running, the
+        incident closed with it in the store), then re-raised into the executor's future:
+        nothing is swallowed silently."""
         try:
-            fn(outcome)
+            fn(inc, *args)
         except Exception as exc:
-            inc = outcome.incident
-            log.exception("dispatch of %s failed", inc.incident_id if inc else outcome.alert.fingerprint)
-            if inc and outcome.disposition == "opened":
+            log.exception("dispatch of %s failed", inc.incident_id)
+            if closes:
                 self.store.close_incident(inc.incident_id, f"dispatch failed: {type(exc).__name__}: {exc}")
             raise
 
     # -- opening ------------------------------------------------------------------------
-    def _open(self, outcome: Outcome) -> None:
-        inc = outcome.incident
+    def _open(self, inc: Incident, alert: Alert) -> None:
         params = {"target": inc.target, "incident_id": inc.incident_id,
-                  "trigger": trigger_of(outcome.alert).model_dump(mode="json")}
+                  "trigger": trigger_of(alert).model_dump(mode="json")}
         resource = {"prefect.resource.id": f"runbooks.incident.{inc.incident_id}",
                     "prefect.resource.name": inc.incident_id}
         flow_name = inc.scenario.split("/", 1)[0]
@@ -110,14 +130,104 @@ class Dispatcher:
             return
         emit_event(OPENED_EVENT, resource=resource, related=related, payload=params)
         deployment = self._deployment(inc.scenario)
-        with get_client(sync_client=True) as client:
-            run = client.create_flow_run_from_deployment(
-                deployment.id, parameters=params, state=Pending(message="started by the alert gateway"),
-                tags=[f"alert:{outcome.alert.source}"])
+        ahead = self._in_flight - self.max_parallel + 1  # runs before this one gets a thread
+        message = "started by the alert gateway" + (f"; queued behind {ahead} runs" if ahead > 0 else "")
+        run = self._create_run(inc, deployment.id, params, [f"alert:{alert.source}"], message)
         self.store.set_flow_run(inc.incident_id, str(run.id))
-        state = run_flow(_flow(deployment.entrypoint), flow_run=run, parameters=run.parameters,
-                         return_type="state")
+        self._submit_run(inc, run, deployment.entrypoint)
+
+    def _submit_run(self, inc: Incident, run: FlowRun, entrypoint: str) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self._runs.submit(self._guard, self._execute, inc, run, entrypoint)
+
+    def _create_run(self, inc: Incident, deployment_id, params: dict, tags: list[str],
+                    message: str) -> FlowRun:
+        """Create the incident's run; transient API failures are retried with backoff.
+
+        Safe to retry: the incident id is the idempotency key, so the server hands back the
+        run it already made instead of a second one. A busy Prefect server on SQLite answers
+        503 under bursts; the incident stays open (and is recovered after a restart) meanwhile.
+        """
+        delay, deadline = 0.5, time.monotonic() + CREATE_RUN_PATIENCE_S
+        while True:
+            try:
+                with get_client(sync_client=True) as client:
+                    return client.create_flow_run_from_deployment(
+                        deployment_id, parameters=params, tags=tags,
+                        idempotency_key=f"runbooks-gateway:{inc.incident_id}",
+                        state=Pending(message=message))
+            except (httpx.TransportError, PrefectHTTPStatusError) as exc:
+                status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+                if (status is not None and status < 500 and status != 429) or time.monotonic() > deadline:
+                    raise
+                log.warning("creating the run of %s failed (%s); retrying in %.1f s",
+                            inc.incident_id, status or type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _execute(self, inc: Incident, run: FlowRun, entrypoint: str) -> None:
+        try:
+            state = run_flow(_flow(entrypoint), flow_run=run, parameters=run.parameters,
+                             return_type="state")
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         self.store.close_incident(inc.incident_id, state.name or state.type.value)
+
+    # -- after a restart ------------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """Runner mode, at start-up: finish what a previous gateway process left open.
+
+        Open incidents whose run was never created are started; runs still Pending (created,
+        never executed) are executed; runs already final close their incident; runs left
+        Running or Paused died with the old process - they are marked Crashed and escalated,
+        never re-run blindly (a change may have been half made).
+        """
+        counts = {"started": 0, "resumed": 0, "closed": 0, "crashed": 0}
+        if self.mode != "runner":
+            return counts
+        failed: list[str] = []
+        for inc in self.store.open_incidents():
+            try:
+                counts[self._recover_one(inc)] += 1
+            except Exception:
+                log.exception("could not recover %s; it stays open in the store", inc.incident_id)
+                failed.append(inc.incident_id)
+        if any(counts.values()):
+            log.warning("recovered open incidents after a restart: %s", counts)
+        if failed:
+            raise RuntimeError(f"{len(failed)} open incidents could not be recovered ({', '.join(failed)}); "
+                               "see the log above, fix the cause and restart the gateway")
+        return counts
+
+    def _recover_one(self, inc: Incident) -> str:
+        if inc.flow_run_id is None:
+            alert = self.store.first_alert(inc.incident_id)
+            self._starts.submit(self._guard, self._open, inc, alert)
+            return "started"
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(inc.flow_run_id)
+        state = run.state
+        if state is None or state.is_pending() or state.is_scheduled():
+            self._submit_run(inc, run, self._deployment(inc.scenario).entrypoint)
+            return "resumed"
+        if state.is_final():
+            self.store.close_incident(inc.incident_id, state.name or state.type.value)
+            return "closed"
+        self._crash_orphan(inc, state.name)
+        return "crashed"
+
+    def _crash_orphan(self, inc: Incident, was: str | None) -> None:
+        why = (f"the alert gateway restarted while this run was {was or 'executing'}; it will not "
+               "continue. Check the target's health and the record's last action, then run the "
+               "deployment again by hand if it still needs fixing")
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(inc.flow_run_id, Crashed(message=why), force=True)
+        self.store.close_incident(inc.incident_id, "Crashed (gateway restarted)")
+        send_escalation(EscalationNotice(incident_id=inc.incident_id, scenario=inc.scenario,
+                                         target=inc.target, severity=inc.severity, reason=why,
+                                         flow_run_id=inc.flow_run_id or ""))
 
     def _deployment(self, name: str):
         if name not in self._deployments:
@@ -126,8 +236,7 @@ class Dispatcher:
         return self._deployments[name]
 
     # -- later notifications ------------------------------------------------------------
-    def _update(self, outcome: Outcome) -> None:
-        inc = outcome.incident
+    def _update(self, inc: Incident, outcome: Outcome) -> None:
         run_id = self._flow_run_of(inc)
         alert = outcome.alert
         if outcome.disposition == "resolved":

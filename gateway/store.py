@@ -11,6 +11,8 @@ SQLite (WAL) in the state dir: one transaction per delivery, so what was answere
 
 from __future__ import annotations
 
+import json
+import secrets
 import sqlite3
 import threading
 from datetime import datetime, timezone
@@ -76,8 +78,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def new_incident_id(at: datetime, seq: int) -> str:
-    return f"INC-{at:%Y%m%d}-A{seq:07d}"
+def new_incident_id(at: datetime) -> str:
+    """INC-YYYYMMDD-A<7 random hex>: unique beyond this store, so a new or restored store
+    never reuses an id that already names runs (and idempotency keys) in Prefect."""
+    return f"INC-{at:%Y%m%d}-A{secrets.token_hex(4)[:7]}"
 
 
 class AlertStore:
@@ -154,8 +158,7 @@ class AlertStore:
         if open_inc is not None:
             return Outcome(alert=alert, disposition="attached", incident=open_inc, route=route,
                            reason=f"incident {open_inc.incident_id} already {open_inc.status} for it")
-        seq = db.execute("SELECT COUNT(*) FROM incidents").fetchone()[0] + 1
-        inc = Incident(incident_id=new_incident_id(now, seq), episode_key=alert.episode_key,
+        inc = Incident(incident_id=new_incident_id(now), episode_key=alert.episode_key,
                        fingerprint=alert.fingerprint, scenario=route.scenario or "",
                        target=route.target or "", severity=route.severity.value,
                        status="open", opened_at=now)
@@ -186,6 +189,25 @@ class AlertStore:
     def incident(self, incident_id: str) -> Incident | None:
         with self._lock:
             return self._find(self._db, "incident_id = ?", incident_id)
+
+    def open_incidents(self) -> list[Incident]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM incidents WHERE status = 'open' ORDER BY opened_at").fetchall()
+        return [Incident.model_validate(dict(r)) for r in rows]
+
+    def first_alert(self, incident_id: str) -> Alert:
+        """The alert that opened the incident, as it was accepted."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM alerts WHERE incident_id = ? AND disposition = 'opened'"
+                " ORDER BY id LIMIT 1", (incident_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no opening alert stored for {incident_id}; the store at "
+                              f"{self.path} is inconsistent - close the incident by hand")
+        stored = json.loads(row[0])
+        return Alert.model_validate({k: v for k, v in stored.items()
+                                     if k not in Alert.model_computed_fields})
 
     # -- reading ----------------------------------------------------------------------------
     def recent_alerts(self, limit: int = 50) -> list[dict]:

@@ -8,6 +8,7 @@ and later the PagerDuty / Opsgenie / Slack integrations, hang off it) and, when
 from __future__ import annotations
 
 import httpx
+from pydantic import BaseModel
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
@@ -18,23 +19,36 @@ from incident.settings import get_settings
 ESCALATED_EVENT = "runbooks.incident.escalated"
 
 
+class EscalationNotice(BaseModel):
+    """What an escalation says, as the event payload and the webhook's JSON body."""
+
+    incident_id: str
+    scenario: str
+    target: str
+    environment: str = ""
+    severity: str = ""
+    reason: str
+    flow_run_id: str = ""
+
+
 def escalate(incident: Incident, reason: str) -> None:
+    """Inside a flow: mark the record escalated and hand the incident to humans."""
     rec = incident.record
     incident.escalated(reason)
-    payload = {
-        "incident_id": rec.incident_id,
-        "scenario": rec.scenario,
-        "target": rec.target,
-        "environment": rec.environment,
-        "severity": rec.severity.value,
-        "reason": reason,
-        "flow_run_id": str(flow_run.get_id() or ""),
-    }
+    send_escalation(EscalationNotice(
+        incident_id=rec.incident_id, scenario=rec.scenario, target=rec.target,
+        environment=rec.environment, severity=rec.severity.value, reason=reason,
+        flow_run_id=str(flow_run.get_id() or "")))
+
+
+def send_escalation(notice: EscalationNotice) -> None:
+    """Emit ``runbooks.incident.escalated`` and POST the optional webhook."""
+    payload = notice.model_dump()
     emit_event(
         event=ESCALATED_EVENT,
-        resource={"prefect.resource.id": f"runbooks.incident.{rec.incident_id}",
-                  "prefect.resource.name": rec.incident_id},
-        related=[{"prefect.resource.id": f"runbooks.service.{rec.target}",
+        resource={"prefect.resource.id": f"runbooks.incident.{notice.incident_id}",
+                  "prefect.resource.name": notice.incident_id},
+        related=[{"prefect.resource.id": f"runbooks.service.{notice.target}",
                   "prefect.resource.role": "service"}],
         payload=payload,
     )

@@ -109,34 +109,31 @@ class SshHost(_Model):
     timeout_s: float = 10.0
 
 
-class Database(_Model):
+class _WithPassword(_Model):
+    """A connection whose ``password`` is given as a secret reference string."""
+
+    password: SecretRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_secret(cls, data: dict) -> dict:
+        if isinstance(data, dict) and "password" in data:
+            data = {**data, "password": _secret(data["password"])}
+        return data
+
+
+class Database(_WithPassword):
     host: str
     port: int = 5432
     dbname: str
     user: str
-    password: SecretRef | None = None
     connect_timeout_s: int = 5
 
-    @model_validator(mode="before")
-    @classmethod
-    def _wrap_secret(cls, data: dict) -> dict:
-        if isinstance(data, dict) and "password" in data:
-            data = {**data, "password": _secret(data["password"])}
-        return data
 
-
-class RedisInstance(_Model):
+class RedisInstance(_WithPassword):
     host: str
     port: int = 6379
-    password: SecretRef | None = None
     timeout_s: float = 5.0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _wrap_secret(cls, data: dict) -> dict:
-        if isinstance(data, dict) and "password" in data:
-            data = {**data, "password": _secret(data["password"])}
-        return data
 
 
 class Service(_Model):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 # Under the temp dir, not the checkout: the lab runs PostgreSQL as user postgres, which
@@ -76,44 +75,13 @@ def deployed(prefect_api, state_dir: Path):
     return prefect_api
 
 
-@contextmanager
-def running_gateway(settings):
-    """Serve the real gateway app (uvicorn, runner dispatch, SQLite intake) on loopback."""
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
-
-    from gateway.__main__ import build_app
-
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1",
-                                           port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the gateway did not start on {url}")
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
 @pytest.fixture(scope="session")
 def gateway(deployed, lab, state_dir: Path):
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db",
                                alertmanager_bearer_token="test-am-token")
-    with running_gateway(settings) as url:
+    from gateway.__main__ import serving
+
+    with serving(settings) as url:
         yield settings, url

@@ -15,7 +15,7 @@ import pytest
 from gateway.settings import GatewaySettings
 from gateway.store import AlertStore
 from tasks.http_checks import check_health
-from tests.conftest import running_gateway
+from gateway.__main__ import serving
 
 pytestmark = pytest.mark.lab
 
@@ -27,7 +27,7 @@ def pipeline(deployed, lab, state_dir):
     settings = GatewaySettings(port=lab.info.gateway_port, store=state_dir / "gateway" / "am-e2e.db",
                                alertmanager_bearer_token=token)
     try:
-        with running_gateway(settings):
+        with serving(settings):
             yield lab, settings
     finally:
         lab.down_alerting()

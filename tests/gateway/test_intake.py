@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 
 import httpx
 import pytest
@@ -101,3 +102,58 @@ def test_resolve_while_waiting_for_approval_stands_down(gateway, healthy_web):
     container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken", "standing down must change nothing"
     assert "| rollback_container | stood down | human |" in _report(incident_id)
+
+
+def _accept_without_dispatch(store: AlertStore, instance: str):
+    """What a gateway that died right after answering 202 leaves behind: an open incident."""
+    from gateway.models import Delivery
+    from gateway.routing import Router
+    from gateway.settings import GatewaySettings
+    from gateway.sources import PARSERS
+
+    body = service_down_alert("web")
+    body["alerts"][0]["labels"]["instance"] = instance
+    alerts = PARSERS["alertmanager"](json.dumps(body).encode(), {})
+    routes = Router.from_file(GatewaySettings().routes_file).route_all(alerts)
+    delivery = Delivery(source="alertmanager", received_at=datetime.now(timezone.utc))
+    (outcome,) = store.record_delivery(delivery, alerts, routes)
+    assert outcome.disposition == "opened"
+    return outcome.incident
+
+
+def test_restarted_gateway_finishes_what_the_last_one_left_open(deployed, healthy_web, state_dir):
+    from prefect.states import Pending, Running
+
+    from deployments.stack import free_port
+    from gateway.settings import GatewaySettings
+    from gateway.__main__ import serving
+
+    store_path = state_dir / "gateway" / "restart.db"
+    store = AlertStore(store_path)
+    never_started = _accept_without_dispatch(store, "restart-a")
+    never_executed = _accept_without_dispatch(store, "restart-b")
+    left_running = _accept_without_dispatch(store, "restart-c")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("service-down/service-down")
+        for inc in (never_executed, left_running):
+            run = client.create_flow_run_from_deployment(
+                deployment.id, state=Pending(),
+                parameters={"target": "web", "incident_id": inc.incident_id})
+            store.set_flow_run(inc.incident_id, str(run.id))
+        orphan_run = store.incident(left_running.incident_id).flow_run_id
+        client.set_flow_run_state(orphan_run, Running(), force=True)
+    store.close()
+
+    settings = GatewaySettings(port=free_port(), store=store_path)
+    with serving(settings) as url:
+        started = _incident((settings, url), never_started.incident_id, lambda i: i.status == "closed")
+        executed = _incident((settings, url), never_executed.incident_id, lambda i: i.status == "closed")
+        crashed = _incident((settings, url), left_running.incident_id, lambda i: i.status == "closed")
+    assert started.outcome == "Already Fine" and started.flow_run_id, started
+    assert executed.outcome == "Already Fine", executed
+    assert crashed.outcome == "Crashed (gateway restarted)", crashed
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(orphan_run).state
+        trigger = client.read_flow_run(started.flow_run_id).parameters["trigger"]
+    assert state.is_crashed() and "gateway restarted" in state.message
+    assert trigger["fingerprint"] == never_started.fingerprint, "restarted from the stored alert"
