@@ -14,6 +14,7 @@ Starts its own Prefect server, lab, deployments, worker and gateways on loopback
    (goal 1,000), lost (goal 0), intake p99.
 
     .venv/bin/python bench/alert_intake.py [--latency-alerts 50] [--automation-alerts 10]
+        [--parts latency sustained automation intake storm]
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from pathlib import Path
 
 from _state import STATE  # noqa: E402  (first: sets the state dir)
 
-from deployments.stack import (deploy_all, free_port, prefect_env, start_prefect_server,  # noqa: E402
-                               start_worker, stop_pid)
+from deployments.stack import (deploy_all, free_port, prefect_env, spawn_gateway,  # noqa: E402
+                               start_prefect_server, start_worker, stop_pid)
 
 PORT = free_port()
 os.environ.update(prefect_env(STATE / "prefect", f"http://127.0.0.1:{PORT}/api"))
@@ -212,6 +213,34 @@ async def steady(url: str, rate: float, seconds: float, prefix: str) -> dict:
             "intake": summary(latencies), "sent": sent}
 
 
+def storm(url: str, store_path: Path, distinct: int, dups: int, concurrency: int = 64) -> dict:
+    """distinct alerts x dups deliveries, shuffled, sent concurrently: exactly one incident each?"""
+    from gateway.store import AlertStore
+
+    store = AlertStore(store_path)
+    before = store.counts()
+    bodies = [alert_body(f"storm-{i}") for i in range(distinct)]
+    deliveries = [b for b in bodies for _ in range(dups)]
+    random.Random(7).shuffle(deliveries)
+    t0 = time.perf_counter()
+    latencies, failures = asyncio.run(blast(url, deliveries, concurrency=concurrency))
+    elapsed = time.perf_counter() - t0
+    after = store.counts()
+    store.close()
+    recorded = sum(after.get(k, 0) - before.get(k, 0) for k in ("opened", "duplicate", "attached"))
+    return {
+        "deliveries": len(deliveries), "distinct": distinct, "concurrency": concurrency,
+        "seconds": round(elapsed, 2), "per_s": round(len(deliveries) / elapsed, 1), "non_202": failures,
+        "incidents_opened": after["incidents"] - before["incidents"],
+        "duplicates": after.get("duplicate", 0) - before.get("duplicate", 0),
+        "lost": len(deliveries) - recorded,
+        "intake": summary(latencies),
+    }
+
+
+PARTS = {"latency", "sustained", "automation", "intake", "storm"}
+
+
 def progress(result: dict) -> None:
     """Figures so far on stderr: a long run that is stopped still says what it measured."""
     print(json.dumps(result), file=sys.stderr, flush=True)
@@ -229,10 +258,11 @@ def main() -> None:
     parser.add_argument("--sustained-rates", type=float, nargs="+", default=[1, 2, 4])
     parser.add_argument("--intake-rates", type=float, nargs="+", default=[20, 50, 100, 200])
     parser.add_argument("--sustained-s", type=float, default=10)
+    parser.add_argument("--parts", nargs="+", default=sorted(PARTS), choices=sorted(PARTS))
     args = parser.parse_args()
+    parts = set(args.parts)
 
     from gateway.settings import GatewaySettings
-    from gateway.store import AlertStore
     from lab import Lab
     from gateway.__main__ import serving
 
@@ -244,48 +274,45 @@ def main() -> None:
         lab.up()
         env = prefect_env(STATE / "prefect", api)
         deploy_all(env)
-        worker = start_worker(env, STATE)
-        runner = GatewaySettings(port=free_port(), store=STATE / "runner.db")
-        with serving(runner) as url:
-            measure_latency(url, 3, "warm", 1.0, 60, runner.store_path)  # imports, first round trips
-            result["latency_runner"] = measure_latency(url, args.latency_alerts, "lat",
-                                                       args.latency_spacing_s, 300, runner.store_path)
-            progress(result)
-            result["sustained_remediations"] = []
-            for rate in args.sustained_rates:
-                result["sustained_remediations"].append(
-                    sustained_remediations(url, runner.store_path, rate, args.sustained_s))
+        if "automation" in parts:
+            worker = start_worker(env, STATE)
+        if {"latency", "sustained"} & parts:
+            runner = GatewaySettings(port=free_port(), store=STATE / "runner.db")
+            with serving(runner) as url:
+                measure_latency(url, 3, "warm", 1.0, 60, runner.store_path)  # imports, first round trips
+                if "latency" in parts:
+                    result["latency_runner"] = measure_latency(
+                        url, args.latency_alerts, "lat", args.latency_spacing_s, 300, runner.store_path)
+                    progress(result)
+                if "sustained" in parts:
+                    result["sustained_remediations"] = []
+                    for rate in args.sustained_rates:
+                        result["sustained_remediations"].append(
+                            sustained_remediations(url, runner.store_path, rate, args.sustained_s))
+                        progress(result)
+        if "automation" in parts:
+            auto = GatewaySettings(port=free_port(), store=STATE / "auto.db", dispatch="automation")
+            with serving(auto) as url:
+                result["latency_prefect_default_path"] = measure_latency(
+                    url, args.automation_alerts, "auto", 2.0, 600, auto.store_path)
                 progress(result)
-        auto = GatewaySettings(port=free_port(), store=STATE / "auto.db", dispatch="automation")
-        with serving(auto) as url:
-            result["latency_prefect_default_path"] = measure_latency(
-                url, args.automation_alerts, "auto", 2.0, 600)
-            progress(result)
-
-        shadow = GatewaySettings(port=free_port(), store=STATE / "shadow.db", dispatch="shadow")
-        with serving(shadow) as url:
-            result["sustained_intake_only"] = [
-                {k: v for k, v in asyncio.run(steady(url, rate, 10, f"s{rate}")).items() if k != "sent"}
-                for rate in args.intake_rates]
-            store = AlertStore(shadow.store_path)
-            before = store.counts()
-            bodies = [alert_body(f"storm-{i}") for i in range(args.storm_distinct)]
-            deliveries = [b for b in bodies for _ in range(args.storm_dups)]
-            random.Random(7).shuffle(deliveries)
-            t0 = time.perf_counter()
-            latencies, failures = asyncio.run(blast(url, deliveries, concurrency=64))
-            elapsed = time.perf_counter() - t0
-            after = store.counts()
-            store.close()
-        recorded = sum(after.get(k, 0) - before.get(k, 0) for k in ("opened", "duplicate", "attached"))
-        result["storm"] = {
-            "deliveries": len(deliveries), "distinct": args.storm_distinct, "concurrency": 64,
-            "seconds": round(elapsed, 2), "non_202": failures,
-            "incidents_opened": after["incidents"] - before["incidents"],
-            "duplicates": after.get("duplicate", 0) - before.get("duplicate", 0),
-            "lost": len(deliveries) - recorded,
-            "intake": summary(latencies),
-        }
+        if {"intake", "storm"} & parts:
+            # its own process, as deployed: the load generator must not share its GIL
+            port, store_path = free_port(), STATE / "shadow.db"
+            shadow = spawn_gateway(env, STATE, port, {"RUNBOOKS_GATEWAY_DISPATCH": "shadow",
+                                                      "RUNBOOKS_GATEWAY_STORE": str(store_path)},
+                                   name="shadow-gateway")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if "intake" in parts:
+                    result["sustained_intake_only"] = [
+                        {k: v for k, v in asyncio.run(steady(url, rate, 10, f"s{rate}")).items()
+                         if k != "sent"} for rate in args.intake_rates]
+                    progress(result)
+                if "storm" in parts:
+                    result["storm"] = storm(url, store_path, args.storm_distinct, args.storm_dups)
+            finally:
+                stop_pid(shadow)
         print(json.dumps(result, indent=2))
         ok = True
     finally:

@@ -129,20 +129,31 @@ def start_worker(env: dict[str, str], state: Path) -> int:
 def start_gateway(env: dict[str, str], state: Path, lab) -> int:
     """The alert gateway on the lab's gateway port, with the token Alertmanager presents."""
     token = lab.info.alertmanager_token_file.read_text().strip()
-    genv = {**env, "RUNBOOKS_GATEWAY_PORT": str(lab.info.gateway_port),
-            "RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token}
-    pid = _spawn("alert-gateway", [sys.executable, "-m", "gateway", "serve"], genv, state)
+    return spawn_gateway(env, state, lab.info.gateway_port,
+                         {"RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token})
+
+
+def spawn_gateway(env: dict[str, str], state: Path, port: int, settings: dict[str, str],
+                  name: str = "alert-gateway") -> int:
+    """``python -m gateway serve`` as its own process on 127.0.0.1:port; its PID once healthy.
+
+    ``settings``: RUNBOOKS_GATEWAY_* variables on top of ``env``.
+    """
+    genv = {**env, **settings, "RUNBOOKS_GATEWAY_PORT": str(port)}
+    pid = _spawn(name, [sys.executable, "-m", "gateway", "serve"], genv, state)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not _alive(pid):
-            raise StackError(f"the alert gateway exited; see {state / 'logs' / 'alert-gateway.log'}")
+            raise StackError(f"the alert gateway exited; see {state / 'logs' / f'{name}.log'}")
         try:
-            if httpx.get(f"{lab.info.gateway_url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return pid
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise StackError("the alert gateway did not answer within 60 s")
+    stop_pid(pid)
+    raise StackError(f"the alert gateway did not answer on port {port} within 60 s; "
+                     f"see {state / 'logs' / f'{name}.log'}")
 
 
 # -- CLI ------------------------------------------------------------------------------
