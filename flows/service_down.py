@@ -128,7 +128,8 @@ def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, Containe
     logs = read_container_logs.submit(service, lines=20)
     deps = [check_postgres.submit(service), check_redis.submit(service)]
 
-    incident.finding("health", health.result().healthy, health.result().describe())
+    probe = health.result()
+    incident.finding("health", probe.healthy, probe.describe())
     state = container.result()
     incident.finding("container", state.running, state.describe())
     if not state.running or state.restart_count:
@@ -138,7 +139,7 @@ def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, Containe
     for dep in (d.result() for d in deps):
         if dep is not None:
             incident.finding(dep.name, dep.ok, f"{dep.address}: {dep.detail}")
-    return health.result(), state, resources
+    return probe, state, resources
 
 
 def record_host_resources(incident: Incident, resources: PrefectFuture | None) -> None:
