@@ -14,6 +14,8 @@ status:
 
 test:
 	@scripts/bootstrap.sh
+	@$(PY) -m ruff check .
+	@$(PY) -m mypy
 	@$(PY) -m pytest
 
 bench:

@@ -50,7 +50,6 @@ def with_flow(lab) -> float:
     from flows.service_down import service_down
 
     lab.kill_web()
-    t0 = time.perf_counter()
     t0_wall = time.time()
     state = service_down(target="web", healthy_probes=PROBES, probe_interval_s=INTERVAL_S,
                          return_state=True)

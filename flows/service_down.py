@@ -22,19 +22,29 @@ from __future__ import annotations
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.states import State
+from pydantic import ConfigDict
 
-from incident.approval import ActionPlan, request_approval
+from incident.approval import ActionPlan
 from incident.errors import VerificationFailedError
-from incident.escalation import escalate
-from incident.inventory import Target, load_target
-from incident.record import Incident, Trigger, open_incident
+from incident.inventory import Target
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.record import Incident, Trigger
 from tasks.containers import ContainerState, inspect_container, read_container_logs
 from tasks.containers import restart_container, rollback_container
-from tasks.dependencies import check_postgres, check_redis
 from tasks.http_checks import HealthProbe, probe_health, wait_until_healthy
+from tasks.postgres import check_postgres
+from tasks.redis import check_redis
 from tasks.ssh_hosts import read_host_resources
 
 SCENARIO = "service-down"
+
+
+class ServiceDiagnosis(Diagnosis):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    health: HealthProbe
+    container: ContainerState
+    host_resources: PrefectFuture | None = None  # an SSH round trip, recorded when needed
 
 
 @flow(name=SCENARIO, log_prints=False)
@@ -60,48 +70,42 @@ def service_down(
         verify_deadline_s: how long verification may take before the run escalates.
         probe_interval_s: seconds between health probes while waiting and verifying.
     """
-    service = load_target(target)
-    incident = open_incident(SCENARIO, service, trigger, incident_id, dry_run)
+    incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
 
     # 1. Diagnose (host disk/memory is read over SSH meanwhile: recorded at step 4)
-    health, container, host_resources = diagnose(incident, service)
-    if health.healthy:
-        record_host_resources(incident, host_resources)
-        return incident.close("already fine", f"{health.describe()}; nothing to do")
+    seen = diagnose(incident, service)
+    if seen.healthy:
+        record_host_resources(incident, seen.host_resources)
+        return already_fine(incident, seen)
 
     # 2. Contain
     incident.enter("contain", "service is down")
     incident.set_severity(service.service.severity_down, f"{service.name} health check fails")
-    if container.running:
-        record_host_resources(incident, host_resources)
+    if seen.container.running:
+        record_host_resources(incident, seen.host_resources)
         return escalate_and_fail(incident, "the container runs but the service is unhealthy; "
                                  "a restart is not this runbook's fix - see the findings")
 
     # 3. Fix: restart, then roll back if the restart does not heal it
     incident.enter("fix", "restart the container (runbook step 3)")
-    restart = plan_restart(service, container)
-    decision = request_approval(incident, restart, service)
-    if not decision.approved:
-        record_host_resources(incident, host_resources)
-        return close_unapproved(incident, decision.record.decision, restart)
-    result = restart_container(service)
-    incident.action(result.action, result.target, result.changed, result.detail)
+    step = change(incident, service, plan_restart(service, seen.container), restart_container, service)
+    if not step.taken:
+        record_host_resources(incident, seen.host_resources)
+        return step.closed
     recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s,
                                    interval_s=probe_interval_s)
     incident.note("fix", f"after restart: {recovered.describe()}")
-    record_host_resources(incident, host_resources)  # runbook 001 step 4: disk space, memory
+    record_host_resources(incident, seen.host_resources)  # runbook 001 step 4: disk, memory
 
     if not recovered.healthy:
         state = inspect_container(service)
         logs = read_container_logs(service, lines=10)
         incident.finding("after restart", False, f"{state.describe()}; last log: "
                          + (" | ".join(logs[-3:]) or "(empty)"))
-        rollback = plan_rollback(service, state)
-        decision = request_approval(incident, rollback, service)
-        if not decision.approved:
-            return close_unapproved(incident, decision.record.decision, rollback)
-        result = rollback_container(service, expected_from=state.image)
-        incident.action(result.action, result.target, result.changed, result.detail)
+        step = change(incident, service, plan_rollback(service, state), rollback_container,
+                      service, expected_from=state.image)
+        if not step.taken:
+            return step.closed
 
     # 4. Verify: the streak of healthy probes may start with the one that ended the fix
     incident.enter("verify", f"{healthy_probes} consecutive healthy probes within {verify_deadline_s} s")
@@ -110,16 +114,17 @@ def service_down(
                                 streak_so_far=recovered.consecutive if recovered.healthy else 0)
     incident.verified(streak.describe())
     if not streak.healthy:
-        return escalate_and_fail(incident, f"not healthy after remediation: {streak.describe()}")
+        return escalate_and_fail(incident, f"not healthy after remediation: {streak.describe()}",
+                                 error=VerificationFailedError)
     return incident.close("resolved", f"{service.name} healthy again ({streak.describe()})")
 
 
-def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, ContainerState, PrefectFuture | None]:
+def diagnose(incident: Incident, service: Target) -> ServiceDiagnosis:
     """Runbook steps 1, 2 and 4: is it up, what does the container say, deps, resources.
 
     The checks only read, so they run concurrently; findings are recorded in a fixed
     order. Host resources (an SSH round trip) do not decide the next step, so their
-    future is returned and recorded by ``record_host_resources`` when the flow needs it.
+    future is kept and recorded by ``record_host_resources`` when the flow needs it.
     """
     incident.enter("diagnose", f"checking {service.name}")
     resources = read_host_resources.submit(service) if service.ssh is not None else None
@@ -139,7 +144,8 @@ def diagnose(incident: Incident, service: Target) -> tuple[HealthProbe, Containe
     for dep in (d.result() for d in deps):
         if dep is not None:
             incident.finding(dep.name, dep.ok, f"{dep.address}: {dep.detail}")
-    return probe, state, resources
+    return ServiceDiagnosis(healthy=probe.healthy, summary=probe.describe(), health=probe,
+                            container=state, host_resources=resources)
 
 
 def record_host_resources(incident: Incident, resources: PrefectFuture | None) -> None:
@@ -156,7 +162,8 @@ def plan_restart(service: Target, container: ContainerState) -> ActionPlan:
         action="restart_container",
         target=container.name,
         runs=f"docker restart {container.name}",
-        expected_effect=f"{container.name} ({container.image}) starts again and {service.service.health_url} answers 200",
+        expected_effect=f"{container.name} ({container.image}) starts again and "
+                        f"{service.service.health_url} answers 200",
         undo=f"docker stop {container.name} (it was already down)",
         destructive=False,
     )
@@ -171,23 +178,4 @@ def plan_rollback(service: Target, container: ContainerState) -> ActionPlan:
         expected_effect=f"{container.name} runs {previous} and {service.service.health_url} answers 200",
         undo=f"roll forward: recreate {container.name} from {container.image}",
         destructive=True,
-    )
-
-
-def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
-    if decision == "dry run":
-        return incident.close("dry run", f"would run {plan.action}: {plan.runs}; nothing changed")
-    if decision == "stood down":
-        return incident.close("resolved without action",
-                              f"stood down before {plan.action}: the alert resolved; nothing changed")
-    return incident.close("not approved", f"{plan.action} was {decision}; nothing changed")
-
-
-def escalate_and_fail(incident: Incident, why: str) -> State:
-    escalate(incident, why)
-    incident.fail(why)
-    rec = incident.record
-    raise VerificationFailedError(
-        rec.target, why, "the service healthy", f"a human must take over incident {rec.incident_id}; "
-        "the report artifact has the findings and timeline",
     )

@@ -10,6 +10,8 @@ Secrets come from the same RUNBOOKS_GATEWAY_* settings the gateway uses.
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 import argparse
 import json
 import sys
@@ -112,7 +114,10 @@ def service_down_alert(service: str = "web", status: str = "firing") -> dict:
 def signed_headers(source: str, body: bytes, settings: GatewaySettings) -> dict[str, str]:
     """The headers a real sender of ``source`` adds, computed with our configured secrets."""
     headers = {"Content-Type": "application/json"}
-    secret = lambda s: s.get_secret_value() if s else None  # noqa: E731
+
+    def secret(value: SecretStr | None) -> str:
+        return value.get_secret_value() if value else ""
+
     if source == "alertmanager" and settings.alertmanager_bearer_token:
         headers["Authorization"] = f"Bearer {secret(settings.alertmanager_bearer_token)}"
     elif source == "alertmanager" and settings.alertmanager_basic_password:

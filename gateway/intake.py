@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from uuid import UUID
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, Literal
@@ -37,11 +38,11 @@ from prefect.flow_engine import run_flow
 from prefect.flow_runs import resume_flow_run
 from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import Crashed, Pending
+from prefect.states import Crashed, Pending, State
 
 from gateway.models import Alert, Delivery
 from gateway.routing import Router
-from gateway.store import AlertStore, Incident, Outcome
+from gateway.store import AlertStore, TrackedIncident, IntakeResult
 from incident.escalation import EscalationNotice, send_escalation
 from incident.record import Trigger, add_alert_update
 from incident.settings import REPO_ROOT
@@ -94,15 +95,15 @@ class Dispatcher:
         self._runs.shutdown(wait=True, cancel_futures=True)
 
     # -- what the intake calls (never blocks the request) ---------------------------------
-    def handle(self, outcome: Outcome) -> None:
+    def handle(self, outcome: IntakeResult) -> None:
         if self.mode == "shadow":
             return
-        if outcome.disposition == "opened":
+        if outcome.disposition == "opened" and outcome.incident:
             self._starts.submit(self._guard, self._open, outcome.incident, outcome.alert)
         elif outcome.disposition in ("resolved", "attached") and outcome.incident:
             self._notes.submit(self._guard, self._update, outcome.incident, outcome, closes=False)
 
-    def _guard(self, fn, inc: Incident, *args, closes: bool = True) -> None:
+    def _guard(self, fn, inc: TrackedIncident, *args, closes: bool = True) -> None:
         """Worker-thread boundary: a failure is logged (and, when starting or running, the
         incident closed with it in the store), then re-raised into the executor's future:
         nothing is swallowed silently."""
@@ -115,7 +116,7 @@ class Dispatcher:
             raise
 
     # -- opening ------------------------------------------------------------------------
-    def _open(self, inc: Incident, alert: Alert) -> None:
+    def _open(self, inc: TrackedIncident, alert: Alert) -> None:
         params = {"target": inc.target, "incident_id": inc.incident_id,
                   "trigger": trigger_of(alert).model_dump(mode="json")}
         resource = {"prefect.resource.id": f"runbooks.incident.{inc.incident_id}",
@@ -136,12 +137,12 @@ class Dispatcher:
         self.store.set_flow_run(inc.incident_id, str(run.id))
         self._submit_run(inc, run, deployment.entrypoint)
 
-    def _submit_run(self, inc: Incident, run: FlowRun, entrypoint: str) -> None:
+    def _submit_run(self, inc: TrackedIncident, run: FlowRun, entrypoint: str) -> None:
         with self._lock:
             self._in_flight += 1
         self._runs.submit(self._guard, self._execute, inc, run, entrypoint)
 
-    def _create_run(self, inc: Incident, deployment_id, params: dict, tags: list[str],
+    def _create_run(self, inc: TrackedIncident, deployment_id, params: dict, tags: list[str],
                     message: str) -> FlowRun:
         """Create the incident's run; transient API failures are retried with backoff.
 
@@ -166,10 +167,10 @@ class Dispatcher:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _execute(self, inc: Incident, run: FlowRun, entrypoint: str) -> None:
+    def _execute(self, inc: TrackedIncident, run: FlowRun, entrypoint: str) -> None:
         try:
-            state = run_flow(_flow(entrypoint), flow_run=run, parameters=run.parameters,
-                             return_type="state")
+            state: State = run_flow(_flow(entrypoint), flow_run=run,  # type: ignore[assignment]
+                                    parameters=run.parameters, return_type="state")
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -201,13 +202,13 @@ class Dispatcher:
                                "see the log above, fix the cause and restart the gateway")
         return counts
 
-    def _recover_one(self, inc: Incident) -> str:
+    def _recover_one(self, inc: TrackedIncident) -> str:
         if inc.flow_run_id is None:
             alert = self.store.first_alert(inc.incident_id)
             self._starts.submit(self._guard, self._open, inc, alert)
             return "started"
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(inc.flow_run_id)
+            run = client.read_flow_run(UUID(inc.flow_run_id))
         state = run.state
         if state is None or state.is_pending() or state.is_scheduled():
             self._submit_run(inc, run, self._deployment(inc.scenario).entrypoint)
@@ -218,12 +219,12 @@ class Dispatcher:
         self._crash_orphan(inc, state.name)
         return "crashed"
 
-    def _crash_orphan(self, inc: Incident, was: str | None) -> None:
+    def _crash_orphan(self, inc: TrackedIncident, was: str | None) -> None:
         why = (f"the alert gateway restarted while this run was {was or 'executing'}; it will not "
                "continue. Check the target's health and the record's last action, then run the "
                "deployment again by hand if it still needs fixing")
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(inc.flow_run_id, Crashed(message=why), force=True)
+            client.set_flow_run_state(str(inc.flow_run_id), Crashed(message=why), force=True)
         self.store.close_incident(inc.incident_id, "Crashed (gateway restarted)")
         send_escalation(EscalationNotice(incident_id=inc.incident_id, scenario=inc.scenario,
                                          target=inc.target, severity=inc.severity, reason=why,
@@ -236,7 +237,7 @@ class Dispatcher:
         return self._deployments[name]
 
     # -- later notifications ------------------------------------------------------------
-    def _update(self, inc: Incident, outcome: Outcome) -> None:
+    def _update(self, inc: TrackedIncident, outcome: IntakeResult) -> None:
         run_id = self._flow_run_of(inc)
         alert = outcome.alert
         if outcome.disposition == "resolved":
@@ -257,7 +258,7 @@ class Dispatcher:
                 "reason": f"alert resolved ({alert.source}) while waiting for approval: "
                           "resolved without action"})
 
-    def _flow_run_of(self, inc: Incident, wait_s: float = 30.0):
+    def _flow_run_of(self, inc: TrackedIncident, wait_s: float = 30.0):
         """The incident's flow run: from the store, or by its incident tag (automation mode)."""
         deadline = time.monotonic() + wait_s
         while True:

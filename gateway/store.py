@@ -49,7 +49,10 @@ CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(received_at);
 """
 
 
-class Incident(BaseModel):
+class TrackedIncident(BaseModel):
+    """The gateway's row for an incident it opened: which alert episode, which run, open or
+    closed. Not the incident record itself (``incident.record.Incident``, kept by the run)."""
+
     incident_id: str
     episode_key: str
     fingerprint: str
@@ -64,12 +67,13 @@ class Incident(BaseModel):
     flow_run_id: str | None = None
 
 
-class Outcome(BaseModel):
-    """What the intake decided for one alert of a delivery."""
+class IntakeResult(BaseModel):
+    """What the intake decided for one alert of a delivery (not a run's outcome: that is
+    ``incident.record.Outcome``)."""
 
     alert: Alert
     disposition: Disposition
-    incident: Incident | None = None
+    incident: TrackedIncident | None = None
     route: RouteDecision | None = None
     reason: str = ""
 
@@ -100,7 +104,7 @@ class AlertStore:
 
     # -- intake -------------------------------------------------------------------------
     def record_delivery(self, delivery: Delivery, alerts: list[Alert],
-                        routes: list[RouteDecision]) -> list[Outcome]:
+                        routes: list[RouteDecision]) -> list[IntakeResult]:
         """One transaction: the delivery, each alert with its disposition, new incidents."""
         now = _now()
         with self._lock:
@@ -132,33 +136,33 @@ class AlertStore:
         return outcomes
 
     def _decide(self, db: sqlite3.Connection, alert: Alert, route: RouteDecision,
-                now: datetime) -> Outcome:
+                now: datetime) -> IntakeResult:
         if db.execute("INSERT OR IGNORE INTO seen (dedup_key) VALUES (?)",
                       (alert.dedup_key,)).rowcount == 0:
-            return Outcome(alert=alert, disposition="duplicate", route=route,
+            return IntakeResult(alert=alert, disposition="duplicate", route=route,
                            reason="already received (redelivery)")
         if alert.status == "resolved":
             inc = self._find(db, "episode_key = ?", alert.episode_key) or \
                 self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
             if inc is None:
-                return Outcome(alert=alert, disposition="resolved-unknown", route=route,
+                return IntakeResult(alert=alert, disposition="resolved-unknown", route=route,
                                reason="resolved, but no incident was opened for it")
             db.execute("UPDATE incidents SET resolved_at = ? WHERE incident_id = ?",
                        (now.isoformat(), inc.incident_id))
-            return Outcome(alert=alert, disposition="resolved", route=route,
+            return IntakeResult(alert=alert, disposition="resolved", route=route,
                            incident=inc.model_copy(update={"resolved_at": now}))
         if alert.acknowledged:
             inc = self._find(db, "episode_key = ?", alert.episode_key)
-            return Outcome(alert=alert, disposition="acknowledged", incident=inc, route=route,
+            return IntakeResult(alert=alert, disposition="acknowledged", incident=inc, route=route,
                            reason="acknowledged by a human: no new remediation")
         if not route.routed:
-            return Outcome(alert=alert, disposition="unrouted", route=route, reason=route.reason)
+            return IntakeResult(alert=alert, disposition="unrouted", route=route, reason=route.reason)
         open_inc = self._find(db, "episode_key = ?", alert.episode_key) or \
             self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
         if open_inc is not None:
-            return Outcome(alert=alert, disposition="attached", incident=open_inc, route=route,
+            return IntakeResult(alert=alert, disposition="attached", incident=open_inc, route=route,
                            reason=f"incident {open_inc.incident_id} already {open_inc.status} for it")
-        inc = Incident(incident_id=new_incident_id(now), episode_key=alert.episode_key,
+        inc = TrackedIncident(incident_id=new_incident_id(now), episode_key=alert.episode_key,
                        fingerprint=alert.fingerprint, scenario=route.scenario or "",
                        target=route.target or "", severity=route.severity.value,
                        status="open", opened_at=now)
@@ -167,12 +171,12 @@ class AlertStore:
             " severity, status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
             (inc.incident_id, inc.episode_key, inc.fingerprint, inc.scenario, inc.target,
              inc.severity, inc.status, now.isoformat()))
-        return Outcome(alert=alert, disposition="opened", incident=inc, route=route)
+        return IntakeResult(alert=alert, disposition="opened", incident=inc, route=route)
 
-    def _find(self, db: sqlite3.Connection, where: str, arg: str) -> Incident | None:
+    def _find(self, db: sqlite3.Connection, where: str, arg: str) -> TrackedIncident | None:
         row = db.execute(f"SELECT * FROM incidents WHERE {where} ORDER BY opened_at DESC LIMIT 1",
                          (arg,)).fetchone()
-        return Incident.model_validate(dict(row)) if row else None
+        return TrackedIncident.model_validate(dict(row)) if row else None
 
     # -- incident lifecycle -----------------------------------------------------------------
     def set_flow_run(self, incident_id: str, flow_run_id: str) -> None:
@@ -186,15 +190,15 @@ class AlertStore:
                 "UPDATE incidents SET status = 'closed', closed_at = ?, outcome = ?"
                 " WHERE incident_id = ?", (_now().isoformat(), outcome, incident_id))
 
-    def incident(self, incident_id: str) -> Incident | None:
+    def incident(self, incident_id: str) -> TrackedIncident | None:
         with self._lock:
             return self._find(self._db, "incident_id = ?", incident_id)
 
-    def open_incidents(self) -> list[Incident]:
+    def open_incidents(self) -> list[TrackedIncident]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM incidents WHERE status = 'open' ORDER BY opened_at").fetchall()
-        return [Incident.model_validate(dict(r)) for r in rows]
+        return [TrackedIncident.model_validate(dict(r)) for r in rows]
 
     def first_alert(self, incident_id: str) -> Alert:
         """The alert that opened the incident, as it was accepted."""

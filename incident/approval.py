@@ -8,8 +8,9 @@ server's validation: only an explicit ``approve`` approves. A policy in
 
 Outcomes: approved -> the step runs; rejected -> the flow ends "Not Approved"
 with nothing changed; stand-down (a person, or the alert gateway when the alert
-resolves while the run waits) -> "Resolved Without Action", nothing changed; no decision before the timeout -> nothing changed, an
-escalation fires and the run fails saying so; dry run -> recorded, not asked.
+resolves while the run waits) -> "Resolved Without Action", nothing changed; no
+decision before the timeout -> nothing changed, an escalation fires and the run fails
+saying so; dry run -> recorded, not asked.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _leave_expired_pause() -> None:
     does go on (it records and escalates), so it is marked Running again, explicitly."""
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(
-            flow_run.get_id(), Running(message="approval timed out: recording and escalating"),
+            str(flow_run.get_id()), Running(message="approval timed out: recording and escalating"),
             force=True,
         )
 
@@ -166,7 +167,8 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
             "a human must take over the incident: nothing was changed by this run",
         ) from None
     approved = answer.decision == "approve"
-    decision = {"approve": "approved", "reject": "rejected", "stand-down": "stood down"}
+    decision: dict[str, Literal["approved", "rejected", "stood down"]] = {
+        "approve": "approved", "reject": "rejected", "stand-down": "stood down"}
     entry = ApprovalRecord(at=now(), action=plan.action, decision=decision[answer.decision],
                            by="human", reason=answer.reason)
     incident.approval(entry)

@@ -65,7 +65,11 @@ class ActionFailedError(RunbookError):
     """A changing step ran but did not have its expected effect."""
 
 
-class VerificationFailedError(RunbookError):
+class NeedsHumanError(RunbookError):
+    """The runbook went as far as it safely can; it escalated and a human must take over."""
+
+
+class VerificationFailedError(NeedsHumanError):
     """The service did not prove healthy after remediation; a human must take over."""
 
 

@@ -10,9 +10,12 @@ runner can read, e.g. a mounted secret) or ``prefect-secret:block-name``.
       lab: {hostname: 127.0.0.1, port: 2222, username: root,
             key_file: /path/id_ed25519, known_hosts: /path/known_hosts}
     databases:
-      lab: {host: 127.0.0.1, port: 55432, dbname: app, user: app, password: "file:/path/pg_password"}
+      lab: {host: 127.0.0.1, port: 55432, dbname: app, user: app, password: "file:/path/pg_password",
+            admin_user: runbooks, admin_password: "file:/path/pg_runbooks_password",
+            max_idle_s: 300, connections_threshold: 0.8}
     redis:
-      lab: {host: 127.0.0.1, port: 56379}
+      lab: {host: 127.0.0.1, port: 56379, ssh_host: lab,
+            start_command: ["systemctl", "start", "redis-server"]}
     services:
       web:
         environment: lab
@@ -25,6 +28,13 @@ runner can read, e.g. a mounted secret) or ``prefect-secret:block-name``.
         redis: lab
         stateless: true
         severity_down: P0
+        disk:                         # the disk-full runbook (over SSH on ssh_host)
+          mount: /srv/app
+          min_free_bytes: 1073741824  # runbook 003: critical below 1 GB
+          min_free_fraction: 0.10
+          cleanup:
+            - {path: /srv/app/logs, older_than_days: 30, what: logs}
+            - {path: /srv/app/backups, older_than_days: 60, what: backups}
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -83,7 +93,8 @@ class SecretRef(_Model):
         from prefect.blocks.system import Secret  # imported late: needs a Prefect API
 
         try:
-            return SecretStr(str(Secret.load(name).get()))
+            block: Any = Secret.load(name)  # a sync load here: Secret.load is sync-or-async typed
+            return SecretStr(str(block.get()))
         except (ValueError, RuntimeError) as exc:
             raise SecretUnavailableError(
                 self.ref, f"Prefect Secret block not loadable ({type(exc).__name__})",
@@ -110,15 +121,15 @@ class SshHost(_Model):
 
 
 class _WithPassword(_Model):
-    """A connection whose ``password`` is given as a secret reference string."""
+    """A connection whose ``password`` (and ``admin_password``) are secret reference strings."""
 
     password: SecretRef | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _wrap_secret(cls, data: dict) -> dict:
-        if isinstance(data, dict) and "password" in data:
-            data = {**data, "password": _secret(data["password"])}
+        if isinstance(data, dict):
+            data = {**data, **{k: _secret(data[k]) for k in ("password", "admin_password") if k in data}}
         return data
 
 
@@ -126,14 +137,47 @@ class Database(_WithPassword):
     host: str
     port: int = 5432
     dbname: str
-    user: str
+    user: str = Field(description="The application's role: what the service itself connects as")
     connect_timeout_s: int = 5
+    statement_timeout_s: int = Field(10, description="Every runbook query is cut off after this")
+    admin_user: str | None = Field(
+        None, description="Role the runbooks use to inspect and end sessions (pg_monitor + "
+        "pg_signal_backend, not a superuser); defaults to ``user``")
+    admin_password: SecretRef | None = None
+    max_idle_s: int = Field(300, description="Idle sessions older than this may be ended "
+                            "(runbook 002: terminate idle > 5 min)")
+    connections_threshold: float = Field(0.8, gt=0, le=1, description="Connections in use / "
+                                         "max_connections above this count as exhausted")
+    protected_applications: list[str] = Field(
+        default=["postgres_exporter", "pg_dump", "pg_basebackup", "pg_restore", "psql-maintenance"],
+        description="Sessions of these application_names are never ended by a runbook")
 
 
 class RedisInstance(_WithPassword):
     host: str
     port: int = 6379
     timeout_s: float = 5.0
+    ssh_host: str | None = Field(None, description="The host Redis runs on (process checks, start)")
+    start_command: list[str] | None = Field(
+        None, description="argv that starts Redis on ssh_host if it is not running, e.g. "
+        "[systemctl, start, redis-server]; quoted before it is sent")
+
+
+class CleanupRule(_Model):
+    """Files below ``path`` older than ``older_than_days`` may be deleted by the disk runbook."""
+
+    path: str = Field(description="Absolute directory; nothing outside it is touched")
+    older_than_days: float = Field(gt=0)
+    what: str = Field(description="logs, backups, ...: how the plan names these files")
+
+
+class DiskSpec(_Model):
+    """The filesystem the disk-full runbook watches and may clean, on the service's ssh_host."""
+
+    mount: str
+    min_free_bytes: int = Field(1 << 30, description="Runbook 003: critical below 1 GB free")
+    min_free_fraction: float = Field(0.10, ge=0, lt=1)
+    cleanup: list[CleanupRule] = []
 
 
 class Service(_Model):
@@ -148,6 +192,7 @@ class Service(_Model):
     stateless: bool = Field(False, description="Safe to restart without losing data")
     severity_down: Severity = Severity.P0
     severity_degraded: Severity = Severity.P2
+    disk: DiskSpec | None = None
 
 
 class Target(_Model):
@@ -159,6 +204,7 @@ class Target(_Model):
     ssh: SshHost | None = None
     database: Database | None = None
     redis: RedisInstance | None = None
+    redis_host: SshHost | None = Field(None, description="The SSH host Redis runs on")
 
 
 class Inventory(_Model):
@@ -180,9 +226,13 @@ class Inventory(_Model):
             ]
             if svc.container and not svc.docker_host:
                 raise ValueError(f"service {name!r} names a container but no docker_host")
+            if svc.disk and not svc.ssh_host:
+                raise ValueError(f"service {name!r} has a disk but no ssh_host to reach it")
+        for name, r in self.redis.items():
+            refs.append((f"redis {name}", r.ssh_host, self.ssh_hosts, "ssh_hosts"))
         for name, ref, table, section in refs:
             if ref is not None and ref not in table:
-                raise ValueError(f"service {name!r} refers to {section}.{ref}, which is not defined")
+                raise ValueError(f"{name!r} refers to {section}.{ref}, which is not defined")
         return self
 
     def target(self, name: str) -> Target:
@@ -194,13 +244,15 @@ class Inventory(_Model):
                 name, "no such service in the inventory", f"one of: {known}",
                 "pick a listed service, or add it to the inventory file",
             ) from None
+        redis = self.redis.get(svc.redis) if svc.redis else None
         return Target(
             name=name,
             service=svc,
             docker=self.docker_hosts.get(svc.docker_host) if svc.docker_host else None,
             ssh=self.ssh_hosts.get(svc.ssh_host) if svc.ssh_host else None,
             database=self.databases.get(svc.database) if svc.database else None,
-            redis=self.redis.get(svc.redis) if svc.redis else None,
+            redis=redis,
+            redis_host=self.ssh_hosts.get(redis.ssh_host) if redis and redis.ssh_host else None,
         )
 
 

@@ -25,7 +25,7 @@ from incident.inventory import Severity, Target
 
 Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
-                  "resolved without action"]
+                  "resolved without action", "held back"]
 ALERT_UPDATE_PREFIX = "alert-update-"
 
 
@@ -197,12 +197,12 @@ class Incident:
 
     def alert_updates(self) -> list[str]:
         """Fetch what the gateway sent about this incident's alert since the run started."""
-        run_id = flow_run.get_id()
+        run_id = _run_id()
         if not run_id:
             return []
         with get_client(sync_client=True) as client:
             inputs = client.filter_flow_run_input(run_id, ALERT_UPDATE_PREFIX, 100, set())
-        self.record.alert_updates = [i.decoded_value for i in sorted(inputs, key=lambda i: i.created)]
+        self.record.alert_updates = [i.decoded_value for i in sorted(inputs, key=lambda i: str(i.created))]
         return self.record.alert_updates
 
     def publish(self) -> None:
@@ -215,12 +215,18 @@ class Incident:
         )
 
 
+def _run_id() -> UUID | None:
+    """The current flow run's id (None outside a flow run)."""
+    run_id = flow_run.get_id()
+    return UUID(run_id) if run_id else None
+
+
 _MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run")
 
 
 def _set_run(name: str | None = None, tags: list[str] | None = None) -> None:
     """Rename/retag the flow run; tags set by others (deployment, gateway) are kept."""
-    run_id = flow_run.get_id()
+    run_id = _run_id()
     if not run_id:
         return
     with get_client(sync_client=True) as client:
@@ -238,7 +244,7 @@ def open_incident(
     dry_run: bool,
 ) -> Incident:
     """Start the record: names and tags the flow run, publishes the first report."""
-    trigger = trigger or Trigger()
+    trigger = trigger or Trigger(kind="manual", source=None)
     record = IncidentRecord(
         incident_id=incident_id or new_incident_id(),
         scenario=scenario,
@@ -312,7 +318,7 @@ def render_report(r: IncidentRecord) -> str:
         f"- **Severity**: {r.severity.value}",
         f"- **Duration**: {int(duration.total_seconds())} s",
         f"- **Impact**: {r.target} ({r.environment}) - _fill in users/services affected_",
-        f"- **Root Cause**: _to be confirmed_; automated findings: "
+        "- **Root Cause**: _to be confirmed_; automated findings: "
         + ("; ".join(_cell(f.detail) for f in problems[:3]) or "none"),
         f"- **Outcome**: {r.outcome} - {r.summary or 'in progress'}",
         "", "## Timeline", "", "| Time (UTC) | Event |", "|---|---|",

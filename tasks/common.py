@@ -1,17 +1,31 @@
-"""What every task shares: the retry rule and the result type of changing tasks.
+"""What every task shares: the two task presets and the result type of changing tasks.
 
-Tasks that only read may be retried, and only on transient errors (a target that
-did not answer). Changing tasks are never retried blindly: they check the state
-first and report "already fine" instead of acting twice.
+Every task that touches a live system is one of two kinds, declared with a preset:
+
+* ``@read_only_task``: looks, never changes. No result cache (a live system must be read
+  afresh), retried only on errors marked transient (a target that did not answer).
+* ``@changing_task``: changes the system. No result cache, never retried blindly, tagged
+  ``changing``. It checks the state first and returns ``changed=False`` ("already fine")
+  instead of acting twice. Flows call it only through the scenario kit's ``change()``
+  (``incident/kit.py``), the one choke point where plans are approved and actions recorded;
+  ``tests/deployments/test_contract.py`` checks that no flow calls one directly.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, ParamSpec, TypeVar
 
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from incident.errors import RunbookError
+
+READ_ONLY_TAG = "read-only"
+CHANGING_TAG = "changing"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def only_transient_errors(task: Any, task_run: Any, state: Any) -> bool:
@@ -25,8 +39,26 @@ def only_transient_errors(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, RunbookError) and exc.transient
 
 
-#: keyword arguments for read-only tasks that touch a live system
-READ_ONLY = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=only_transient_errors)
+def read_only_task(fn: Callable[P, R]) -> Task[P, R]:
+    """A task that only reads a live system: no cache, retried on transient errors only."""
+    return task(
+        cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+        retry_condition_fn=only_transient_errors, tags=[READ_ONLY_TAG],
+    )(fn)
+
+
+def changing_task(fn: Callable[P, R]) -> Task[P, R]:
+    """A task that changes a live system: no cache, no retries, tagged ``changing``."""
+    return task(cache_policy=NO_CACHE, retries=0, tags=[CHANGING_TAG])(fn)
+
+
+class DependencyCheck(BaseModel):
+    """A connection check of a dependency: a failed check is an observation, not an error."""
+
+    name: str
+    address: str
+    ok: bool
+    detail: str
 
 
 class ActionResult(BaseModel):

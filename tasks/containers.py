@@ -13,8 +13,7 @@ from datetime import datetime
 import docker
 import docker.errors
 from docker.models.containers import Container
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 from pydantic import BaseModel
 
 from incident.errors import (
@@ -24,7 +23,7 @@ from incident.errors import (
     DockerEngineUnreachableError,
 )
 from incident.inventory import DockerHost, Target
-from tasks.common import READ_ONLY, ActionResult
+from tasks.common import ActionResult, changing_task, read_only_task
 from tasks.http_checks import check_health
 
 PREVIOUS_IMAGE_LABEL = "runbooks.previous-image"
@@ -116,14 +115,14 @@ def _state_of(container: Container) -> ContainerState:
     )
 
 
-@task(cache_policy=NO_CACHE, **READ_ONLY)
+@read_only_task
 def inspect_container(target: Target) -> ContainerState:
     """Runbook: `docker-compose ps` / `systemctl status`: state, exit code, OOM, restarts."""
     host, name = _require_docker(target)
     return _state_of(_get_container(docker_client(host), name, host))
 
 
-@task(cache_policy=NO_CACHE, **READ_ONLY)
+@read_only_task
 def read_container_logs(target: Target, lines: int = 50) -> list[str]:
     """Runbook: `docker-compose logs` / `journalctl -n`: the last log lines."""
     host, name = _require_docker(target)
@@ -132,7 +131,7 @@ def read_container_logs(target: Target, lines: int = 50) -> list[str]:
     return raw.decode("utf-8", errors="replace").splitlines()[-lines:]
 
 
-@task(cache_policy=NO_CACHE)
+@changing_task
 def restart_container(target: Target, stop_timeout_s: int = 10) -> ActionResult:
     """Runbook: `docker-compose restart <service>`. Says "already fine" if running and healthy."""
     host, name = _require_docker(target)
@@ -154,7 +153,7 @@ def restart_container(target: Target, stop_timeout_s: int = 10) -> ActionResult:
                         detail=f"restarted; now {after.describe()}")
 
 
-@task(cache_policy=NO_CACHE)
+@changing_task
 def rollback_container(target: Target, expected_from: str) -> ActionResult:
     """Runbook: "rollback to last known good version": recreate from the previous image.
 

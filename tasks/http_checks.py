@@ -10,13 +10,12 @@ import time
 from datetime import datetime, timezone
 
 import httpx
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from incident.errors import ConfigurationError
 from incident.inventory import Target
 from incident.settings import get_settings
+from tasks.common import read_only_task
 
 
 class HealthProbe(BaseModel):
@@ -71,13 +70,13 @@ def check_health(url: str, timeout_s: float | None = None) -> HealthProbe:
     )
 
 
-@task(cache_policy=NO_CACHE)
+@read_only_task
 def probe_health(target: Target) -> HealthProbe:
     """Runbook: "check the health endpoint" (curl /health)."""
     return check_health(target.service.health_url)
 
 
-@task(cache_policy=NO_CACHE)
+@read_only_task
 def wait_until_healthy(
     target: Target, consecutive: int = 3, deadline_s: float = 30.0, interval_s: float = 1.0,
     streak_so_far: int = 0,

@@ -1,4 +1,4 @@
-"""SSH hosts: run a quoted command, read host resources.
+"""SSH hosts: the one SSH client, quoted commands, host resources.
 
 Host keys are verified against the inventory's pinned known_hosts file; an unknown
 or changed key is refused (never auto-added). Commands are argv lists, quoted with
@@ -11,13 +11,11 @@ import shlex
 import socket
 
 import paramiko
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from incident.errors import ConfigurationError, HostKeyMismatchError, SshError
 from incident.inventory import SshHost, Target
-from tasks.common import READ_ONLY
+from tasks.common import read_only_task
 
 
 class CommandResult(BaseModel):
@@ -116,13 +114,7 @@ def _require_ssh(target: Target) -> SshHost:
     return target.ssh
 
 
-@task(cache_policy=NO_CACHE, **READ_ONLY)
-def run_ssh_command(target: Target, argv: list[str], timeout_s: float = 30.0) -> CommandResult:
-    """Run one command on the service's host and return exit code, stdout and stderr."""
-    return run_command(_require_ssh(target), argv, timeout_s)
-
-
-@task(cache_policy=NO_CACHE, **READ_ONLY)
+@read_only_task
 def read_host_resources(target: Target, paths: list[str] | None = None) -> HostResources:
     """Runbook: `df -h` and `free -h` on the service's host."""
     host = _require_ssh(target)

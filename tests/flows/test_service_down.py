@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-import uuid
-
-import httpx
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
-from prefect.client.schemas.filters import FlowRunFilterTags
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.flow_runs import resume_flow_run
 
 from flows.service_down import service_down
-from incident.escalation import ESCALATED_EVENT
 from tasks.http_checks import check_health
+from tests.helpers import FlowThread, escalations, new_incident_id, report, run_id_of, start_flow, wait_paused
 
 pytestmark = pytest.mark.lab
 
@@ -27,62 +18,8 @@ def _health(lab) -> int | None:
     return check_health(lab.info.health_url, timeout_s=2).status_code
 
 
-def _run_id_of(incident_id: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"incident:{incident_id}"]))
-            )
-            if runs:
-                return runs[0].id
-            time.sleep(0.5)
-    raise AssertionError(f"no flow run tagged incident:{incident_id}")
-
-
-def _wait_paused(run_id, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            run = client.read_flow_run(run_id)
-            if run.state and run.state.is_paused():
-                keyset = run.state.state_details.run_input_keyset or {}
-                try:  # the form's schema is saved just after the pause; the UI needs it too
-                    client.read_flow_run_input(run_id, keyset["schema"])
-                    return run
-                except (KeyError, ObjectNotFound, PrefectHTTPStatusError):
-                    pass
-            assert not (run.state and run.state.is_final()), f"run ended before pausing: {run.state}"
-            time.sleep(0.5)
-    raise AssertionError("the run never paused for approval")
-
-
-def _report(incident_id: str) -> str:
-    """The latest version of the incident's report artifact, as the UI shows it."""
-    key = "incident-" + incident_id.lower()
-    resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
-    assert resp.status_code == 200, f"no artifact with key {key}: {resp.status_code}"
-    return resp.json()["data"]
-
-
-class FlowThread(threading.Thread):
-    """Run the flow in the background, as a worker would, keeping its final state."""
-
-    def __init__(self, **params):
-        super().__init__(daemon=True)
-        self.params = params
-        self.state = None
-
-    def run(self):
-        self.state = service_down(**self.params, return_state=True)
-
-
 def _start(**params) -> tuple[FlowThread, str]:
-    incident_id = f"INC-TEST-{uuid.uuid4().hex[:8]}"
-    thread = FlowThread(target="web", incident_id=incident_id, restart_deadline_s=8,
-                        verify_deadline_s=40, **params)
-    thread.start()
-    return thread, incident_id
+    return start_flow(service_down, target="web", restart_deadline_s=8, verify_deadline_s=40, **params)
 
 
 def test_killed_container_is_restarted_and_verified(prefect_api, healthy_web):
@@ -90,7 +27,7 @@ def test_killed_container_is_restarted_and_verified(prefect_api, healthy_web):
     lab.kill_web()
     assert _health(lab) is None, "the fault did not take the service down"
 
-    incident_id = f"INC-TEST-{uuid.uuid4().hex[:8]}"
+    incident_id = new_incident_id()
     state = service_down(target="web", incident_id=incident_id, return_state=True)
 
     assert state.is_completed(), state.message
@@ -100,14 +37,14 @@ def test_killed_container_is_restarted_and_verified(prefect_api, healthy_web):
     assert container.status == "running"
     assert container.image.tags[0] == "lab-web:1.1", "a restart must not change the image"
 
-    report = _report(incident_id)
-    assert "**Status:** resolved" in report
-    assert "| restart_container | lab-web | yes |" in report
-    assert "policy:restart-stateless-container-in-lab" in report
+    text = report(incident_id)
+    assert "**Status:** resolved" in text
+    assert "| restart_container | lab-web | yes |" in text
+    assert "policy:restart-stateless-container-in-lab" in text
     for phase in ("| detect |", "| diagnose |", "| contain |", "| fix |", "| verify |", "| close |"):
-        assert phase in report, f"timeline lacks {phase}"
-    assert "exit code 137" in report, "diagnosis should record the kill's exit code"
-    assert "# Post-Incident Report" in report and "## Action Items" in report
+        assert phase in text, f"timeline lacks {phase}"
+    assert "exit code 137" in text, "diagnosis should record the kill's exit code"
+    assert "# Post-Incident Report" in text and "## Action Items" in text
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
@@ -127,15 +64,15 @@ def test_healthy_service_is_left_alone(prefect_api, healthy_web):
 def test_dry_run_changes_nothing(prefect_api, healthy_web):
     lab = healthy_web
     lab.kill_web()
-    incident_id = f"INC-TEST-{uuid.uuid4().hex[:8]}"
+    incident_id = new_incident_id()
     state = service_down(target="web", dry_run=True, incident_id=incident_id, return_state=True)
     assert state.name == "Dry Run", state.message
     assert _health(lab) is None, "dry run healed the service: it changed something"
     container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.status == "exited"
-    report = _report(incident_id)
-    assert "| restart_container | dry run | dry run |" in report
-    assert "| - | none | - | - | - |" in report, "dry run recorded an action"
+    text = report(incident_id)
+    assert "| restart_container | dry run | dry run |" in text
+    assert "| - | none | - | - | - |" in text, "dry run recorded an action"
 
 
 def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy_web):
@@ -144,8 +81,8 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     assert _health(lab) is None
 
     thread, incident_id = _start()
-    run_id = _run_id_of(incident_id)
-    paused = _wait_paused(run_id)
+    run_id = run_id_of(incident_id)
+    paused = wait_paused(run_id)
     assert "approve-rollback-container" in str(paused.state.state_details.pause_key)
 
     # a bare resume (no decision) must not approve: the server refuses it
@@ -162,27 +99,27 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     assert container.image.tags[0] == "lab-web:1.1"
     assert container.labels["runbooks.previous-image"] == "lab-web:broken"
 
-    report = _report(incident_id)
-    assert "| rollback_container | approved | human | bad release 1.2 |" in report
-    assert "| rollback_container | lab-web | yes |" in report
-    assert "FATAL" in report, "the crash log line belongs in the findings"
+    text = report(incident_id)
+    assert "| rollback_container | approved | human | bad release 1.2 |" in text
+    assert "| rollback_container | lab-web | yes |" in text
+    assert "FATAL" in text, "the crash log line belongs in the findings"
 
 
 def test_rejected_rollback_changes_nothing(prefect_api, healthy_web):
     lab = healthy_web
     lab.deploy_broken_web()
     thread, incident_id = _start()
-    run_id = _run_id_of(incident_id)
-    _wait_paused(run_id)
+    run_id = run_id_of(incident_id)
+    wait_paused(run_id)
     resume_flow_run(run_id, run_input={"decision": "reject", "reason": "investigating first"})
     thread.join(timeout=120)
 
     assert thread.state.is_completed() and thread.state.name == "Not Approved"
     container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken", "a rejected rollback changed the image"
-    report = _report(incident_id)
-    assert "| rollback_container | rejected | human | investigating first |" in report
-    assert "| rollback_container | lab-web |" not in report
+    text = report(incident_id)
+    assert "| rollback_container | rejected | human | investigating first |" in text
+    assert "| rollback_container | lab-web |" not in text
     with get_client(sync_client=True) as client:
         assert "outcome:not-approved" in client.read_flow_run(run_id).tags
 
@@ -198,21 +135,11 @@ def test_approval_timeout_fails_clearly_and_escalates(prefect_api, healthy_web, 
     assert "timed out" in thread.state.message or "within 4 s" in thread.state.message
     container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken"
-    report = _report(incident_id)
-    assert "| rollback_container | timed out | nobody |" in report
-    assert "## Escalations" in report
+    text = report(incident_id)
+    assert "| rollback_container | timed out | nobody |" in text
+    assert "## Escalations" in text
 
-    deadline = time.monotonic() + 30
-    found = []
-    while time.monotonic() < deadline and not found:
-        resp = httpx.post(f"{prefect_api}/events/filter", timeout=10, json={
-            "filter": {"event": {"name": [ESCALATED_EVENT]},
-                       "resource": {"id": [f"runbooks.incident.{incident_id}"]}},
-            "limit": 10,
-        })
-        resp.raise_for_status()
-        found = resp.json()["events"]
-        time.sleep(0.5)
+    found = escalations(prefect_api, incident_id)
     assert found, "no escalation event reached Prefect"
     assert found[0]["payload"]["target"] == "web"
 

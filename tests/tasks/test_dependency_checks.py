@@ -4,7 +4,8 @@ import pytest
 from prefect import flow
 
 from incident.inventory import load_target
-from tasks.dependencies import check_postgres, check_redis
+from tasks.postgres import check_postgres
+from tasks.redis import check_redis
 
 pytestmark = pytest.mark.lab
 

@@ -1,0 +1,142 @@
+"""The scenario kit: the phases every runbook flow shares.
+
+A scenario flow reads like its runbook and leaves the mechanics here::
+
+    incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
+    seen = diagnose(...)                       # read-only tasks -> a Diagnosis
+    if seen.healthy:
+        return already_fine(incident, seen)
+    step = change(incident, service, plan, restart_container, service)
+    if not step.taken:
+        return step.closed                     # dry run, rejected, stood down, held back
+    ...
+    return incident.close("resolved", ...)     # or escalate_and_fail(incident, why)
+
+``change`` is the **one choke point for changing steps**: plan -> approval gate (a human,
+or a written policy) -> guardrails -> the changing task -> the action recorded. Every
+destructive step of every flow goes through it (``tests/deployments/test_contract.py`` checks
+that no flow calls a changing task directly), so a guardrail added to ``GUARDRAILS`` covers
+every scenario at once.
+
+The flow-parameter contract (the gateway, the deployment triggers and drills rely on it):
+every scenario flow takes ``target`` (inventory service), ``dry_run``, ``trigger`` and
+``incident_id``; extra parameters must have defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import Task
+from prefect.states import State
+from pydantic import BaseModel, ConfigDict
+
+from incident.approval import ActionPlan, request_approval
+from incident.errors import ConfigurationError, NeedsHumanError, RunbookError
+from incident.escalation import escalate
+from incident.inventory import Target, load_target
+from incident.record import Incident, Trigger, open_incident
+from tasks.common import CHANGING_TAG, ActionResult
+
+#: The parameters every scenario flow takes (the contract above).
+CONTRACT_PARAMETERS = ("target", "dry_run", "trigger", "incident_id")
+
+
+class Diagnosis(BaseModel):
+    """What the diagnose phase concluded. Scenario flows subclass it with their data."""
+
+    healthy: bool
+    summary: str
+
+
+class Step(BaseModel):
+    """What ``change`` did: ``taken`` with the task's result, or not, with the closed state."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    taken: bool
+    result: ActionResult | None = None
+    closing: State | None = None
+
+    @property
+    def closed(self) -> State:
+        """The state the flow returns when the step was not taken (the incident is closed)."""
+        if self.closing is None:
+            raise RuntimeError("the step was taken: the incident is still open")
+        return self.closing
+
+
+#: A guardrail looks at a planned step and returns why it must not run now, or None.
+Guardrail = Callable[[Incident, Target, ActionPlan], "str | None"]
+#: Checked for every changing step of every flow, after approval, before the task runs.
+GUARDRAILS: list[Guardrail] = []
+
+
+def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str | None,
+          dry_run: bool) -> tuple[Incident, Target]:
+    """Load the target from the inventory and open the incident record (names the run)."""
+    service = load_target(target)
+    return open_incident(scenario, service, trigger, incident_id, dry_run), service
+
+
+def already_fine(incident: Incident, seen: Diagnosis) -> State:
+    return incident.close("already fine", f"{seen.summary}; nothing to do")
+
+
+def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[..., ActionResult],
+           *args: Any, **kwargs: Any) -> Step:
+    """Run one changing step: plan -> approval -> guardrails -> task -> record.
+
+    Not approved (dry run, rejected, stood down) or held back by a guardrail: nothing
+    runs, the incident is closed saying so, and ``Step.closed`` is what the flow returns.
+    A task that raises is noted on the record (its effect unknown) and the error goes on.
+    """
+    if CHANGING_TAG not in task.tags or plan.action != task.name:
+        raise ConfigurationError(
+            plan.action, f"task {task.name} (tags {sorted(task.tags)}) is not the plan's "
+            "changing task", f"a @changing_task named {plan.action}",
+            "declare the task with tasks.common.changing_task and name the plan after it",
+        )
+    decision = request_approval(incident, plan, target)
+    if not decision.approved:
+        return Step(taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
+    for guardrail in GUARDRAILS:
+        held = guardrail(incident, target, plan)
+        if held:
+            escalate(incident, f"{plan.action} on {plan.target} held back: {held}")
+            return Step(taken=False, closing=incident.close(
+                "held back", f"{plan.action} was approved but held back ({held}); nothing changed"))
+    try:
+        result = task(*args, **kwargs)
+    except RunbookError as exc:
+        incident.note("fix", f"{plan.action} on {plan.target} failed: {exc.observed}")
+        raise
+    except Exception as exc:
+        incident.note("fix", f"{plan.action} on {plan.target} raised {type(exc).__name__}; "
+                             "what it changed is unknown: check the target by hand")
+        raise
+    incident.action(result.action, result.target, result.changed, result.detail)
+    return Step(taken=True, result=result)
+
+
+def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
+    """Close the incident after a step that was not approved; nothing was changed by it."""
+    if decision == "dry run":
+        return incident.close("dry run", f"would run {plan.action}: {plan.runs}; nothing changed")
+    if decision == "stood down":
+        return incident.close("resolved without action",
+                              f"stood down before {plan.action}: the alert resolved; nothing changed")
+    return incident.close("not approved", f"{plan.action} was {decision}; nothing changed")
+
+
+def escalate_and_fail(incident: Incident, why: str, expected: str = "the service healthy",
+                      error: type[NeedsHumanError] = NeedsHumanError) -> State:
+    """Hand the incident to humans with what the run saw, and end the run Failed."""
+    escalate(incident, why)
+    incident.fail(why)
+    rec = incident.record
+    raise error(
+        rec.target, why, expected, f"a human must take over incident {rec.incident_id}; "
+        "the report artifact has the findings, the timeline and what was changed",
+    )
