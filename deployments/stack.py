@@ -15,13 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from incident.settings import REPO_ROOT, get_settings
 from lab import pid_alive as _alive
+from lab.proc import wait_until
 
 WORK_POOL = "runbooks"
 DEFAULT_PORT = 4200
@@ -71,29 +71,28 @@ def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.2)
+    if wait_until(lambda: not _alive(pid), timeout_s, 0.2):
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
+def _answers_200(url: str, pid: int | None, exited: str) -> bool:
+    """One readiness probe: StackError(exited) at once if ``pid`` died meanwhile."""
+    if pid is not None and not _alive(pid):
+        raise StackError(exited)
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def wait_for_api(api_url: str, timeout_s: float = 120.0, pid: int | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
-            raise StackError("the Prefect server exited while starting; see its log")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise StackError(f"the Prefect API at {api_url} did not answer within {timeout_s:.0f} s")
+    wait_until(lambda: _answers_200(f"{api_url}/health", pid, "the Prefect server exited while starting; see its log"),
+               timeout_s, 0.5, what=f"the Prefect API at {api_url} did not answer", fail=StackError,
+               propagate=(StackError,))
 
 
 def start_prefect_server(home: Path, port: int, state: Path, ui: bool = True) -> tuple[int, str]:
@@ -141,19 +140,16 @@ def spawn_gateway(env: dict[str, str], state: Path, port: int, settings: dict[st
     """
     genv = {**env, **settings, "RUNBOOKS_GATEWAY_PORT": str(port)}
     pid = _spawn(name, [sys.executable, "-m", "gateway", "serve"], genv, state)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            raise StackError(f"the alert gateway exited; see {state / 'logs' / f'{name}.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return pid
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_pid(pid)
-    raise StackError(f"the alert gateway did not answer on port {port} within 60 s; "
-                     f"see {state / 'logs' / f'{name}.log'}")
+    log = state / "logs" / f"{name}.log"
+    try:
+        wait_until(lambda: _answers_200(f"http://127.0.0.1:{port}/healthz", pid,
+                                        f"the alert gateway exited; see {log}"),
+                   60, 0.3, what=f"the alert gateway (log: {log}) did not answer on port {port}", fail=StackError,
+                   propagate=(StackError,))
+    except StackError:
+        stop_pid(pid)
+        raise
+    return pid
 
 
 # -- CLI ------------------------------------------------------------------------------
@@ -195,16 +191,17 @@ def up() -> None:
     (state / "stack.json").write_text(json.dumps(info, indent=2))
     print(f"""
 Up.
-  Prefect UI     {info['ui']}   (deployments: service-down/service-down)
+  Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full)
   Prefect API    {api_url}
   inventory      {settings.inventory_path}
   alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager)
   Prometheus     {lab.info.prometheus_url}   Alertmanager {lab.info.alertmanager_url}
   target health  {lab.info.health_url}
   logs           {state / 'logs'} and {settings.lab_dir / 'logs'}
-Try: break the target with `.venv/bin/python -m lab kill-web`: within seconds Alertmanager
-alerts the gateway, which starts service-down; watch it in the UI. Or run the deployment
-by hand from the UI (`.venv/bin/python -m lab break-web` needs your approval to roll back).
+Try: break the lab with a named fault (`.venv/bin/python -m lab faults` lists them), e.g.
+`.venv/bin/python -m lab inject redis-stopped`: within seconds Alertmanager alerts the gateway,
+which starts the matching runbook (redis-down); watch it in the UI. Or run a deployment by
+hand from the UI (`inject web-broken-release` needs your approval to roll back).
 Stop everything with `make down`.""")
 
 
@@ -226,10 +223,15 @@ def status() -> None:
     from lab import Lab
 
     settings = get_settings()
+    lab = Lab(settings.lab_dir)
+    where = {"prefect-server": f"http://127.0.0.1:{DEFAULT_PORT}",
+             "alert-gateway": lab.info.gateway_url or ""}  # the lab's gateway port, chosen once
     for name in ("prefect-server", "prefect-worker", "alert-gateway"):
         pid = _pid(settings.state_dir, name)
-        print(f"{name:16} {'up (pid %d)' % pid if pid and _alive(pid) else 'down'}")
-    for name, st in Lab(settings.lab_dir).status().items():
+        up = bool(pid and _alive(pid))
+        print(f"{name:16} {f'up (pid {pid})' if up else 'down'}"
+              + (f"  {where[name]}" if up and where.get(name) else ""))
+    for name, st in lab.status().items():
         print(f"{name:16} {st}")
 
 

@@ -3,11 +3,18 @@
     from lab import Lab
     lab = Lab(get_settings().lab_dir)
     info = lab.up()        # dockerd + web container, PostgreSQL, Redis, sshd, inventory.yaml
-    lab.up(alerting=True)  # also: blackbox exporter, Prometheus, Alertmanager -> webhook to
-                           # lab.info.gateway_url (or Lab(lab_dir, alerting=True).up())
+    lab.up(alerting=True)  # also: blackbox, postgres, redis and node exporters, Prometheus,
+                           # Alertmanager -> webhook to lab.info.gateway_url
+    lab.inject("web-killed")   # a registered fault (lab/faults.py); lab.reset_all_faults()
     lab.down()             # stops everything, the alerting stack included
 
-CLI: ``python -m lab up [--alerting]|down|status|kill-web|break-web|reset-web``.
+Layout: ``core`` (the Lab façade), ``proc`` (pidfiles, start/stop by PID, wait_until),
+``context`` (paths, LabInfo), one module per system (``docker``, ``web``, ``postgres``,
+``redis``, ``sshd``, ``disk``, ``alerting`` + ``exporters``), ``inventory``, ``faults`` (the
+fault registry), ``pg_holders`` (the long-lived clients of the database faults).
+
+CLI: ``python -m lab up [--alerting]|down|status|faults|inject NAME|reset [NAME]``
+(and the aliases ``kill-web``, ``break-web``, ``reset-web``).
 """
 
 from lab.core import Lab, LabError, LabInfo, http_get, pid_alive

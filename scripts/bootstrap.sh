@@ -17,6 +17,9 @@ have runuser      || need+=(util-linux)
 have prometheus   || need+=(prometheus)
 have prometheus-alertmanager      || need+=(prometheus-alertmanager)
 have prometheus-blackbox-exporter || need+=(prometheus-blackbox-exporter)
+have prometheus-postgres-exporter || need+=(prometheus-postgres-exporter)
+have prometheus-redis-exporter    || need+=(prometheus-redis-exporter)
+have prometheus-node-exporter     || need+=(prometheus-node-exporter)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"

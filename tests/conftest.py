@@ -55,9 +55,17 @@ def lab(state_dir: Path):
 
 
 @pytest.fixture
+def healthy_lab(lab):
+    """The lab with every registered fault's part healthy (lab/faults.py): what an
+    earlier test broke on purpose is reset; a healthy lab costs only the checks."""
+    lab.reset_all_faults()
+    return lab
+
+
+@pytest.fixture
 def healthy_web(lab):
-    """Each remediation test starts from a healthy target."""
-    lab.reset_web()
+    """Each remediation test starts from a healthy target (same as healthy_lab)."""
+    lab.reset_all_faults()
     return lab
 
 

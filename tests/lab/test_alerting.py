@@ -121,16 +121,17 @@ def test_alerting_stack_up_and_loopback_only(alerting):
     lab, _ = alerting
     i = lab.info
     pids = lab.alerting_pids()
-    assert set(pids) == {"blackbox", "prometheus", "alertmanager"}
+    parts = {"blackbox", "prometheus", "alertmanager", "postgres-exporter", "redis-exporter", "node-exporter"}
+    assert set(pids) == parts
     assert all(pid_alive(p) for p in pids.values())
     st = lab.status()
-    assert {k: st[k] for k in ("blackbox", "prometheus", "alertmanager")} == {
-        "blackbox": "up", "prometheus": "up", "alertmanager": "up"}
+    assert {k: st[k] for k in parts} == {k: "up" for k in parts}
     assert http_get(f"{i.prometheus_url}/-/ready")[0] == 200
     assert http_get(f"{i.alertmanager_url}/-/ready")[0] == 200
     assert i.gateway_url == f"http://127.0.0.1:{i.gateway_port}"
     saved = json.loads((lab.lab_dir / "lab.json").read_text())
-    for k in ("blackbox_port", "prometheus_port", "alertmanager_port", "gateway_port"):
+    exporter_ports = ("postgres_exporter_port", "redis_exporter_port", "node_exporter_port")
+    for k in ("blackbox_port", "prometheus_port", "alertmanager_port", "gateway_port", *exporter_ports):
         assert saved[k] == getattr(i, k)
     assert (i.alertmanager_token_file.stat().st_mode & 0o777) == 0o600
 
@@ -139,9 +140,11 @@ def test_alerting_stack_up_and_loopback_only(alerting):
     assert ("blackbox", i.blackbox_port) in by_comp
     assert ("prometheus", i.prometheus_port) in by_comp
     assert ("alertmanager", i.alertmanager_port) in by_comp
+    for k in exporter_ports:
+        assert (k.removesuffix("_port").replace("_", "-"), getattr(i, k)) in by_comp
     not_loopback = [x for x in listeners if x[1] != "tcp" or x[2] != "0100007F"]
     assert not_loopback == [], f"alerting sockets beyond 127.0.0.1: {not_loopback}"
-    allowed = {i.blackbox_port, i.prometheus_port, i.alertmanager_port}
+    allowed = {i.blackbox_port, i.prometheus_port, i.alertmanager_port, *(getattr(i, k) for k in exporter_ports)}
     assert {port for *_, port in listeners} <= allowed
 
     # a second up keeps the same processes
