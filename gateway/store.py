@@ -217,9 +217,9 @@ class AlertStore:
     def recent_alerts(self, limit: int = 50) -> list[dict]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT a.received_at, a.source, a.status, a.fingerprint, a.service, a.severity,"
+                "SELECT a.id, a.received_at, a.source, a.status, a.fingerprint, a.service, a.severity,"
                 " a.summary, a.disposition, a.incident_id, a.route, a.reason,"
-                " i.status AS incident_status, i.outcome, i.flow_run_id"
+                " i.status AS incident_status, i.outcome, i.flow_run_id, i.scenario"
                 " FROM alerts a LEFT JOIN incidents i ON i.incident_id = a.incident_id"
                 " ORDER BY a.id DESC LIMIT ?", (limit,)).fetchall()
         return [dict(r) for r in rows]

@@ -148,6 +148,8 @@ class Database(_WithPassword):
                             "(runbook 002: terminate idle > 5 min)")
     connections_threshold: float = Field(0.8, gt=0, le=1, description="Connections in use / "
                                          "max_connections above this count as exhausted")
+    other_databases: bool = Field(False, description="Runbooks may also end sessions of other "
+                                  "databases on the same server (default: only dbname's)")
     protected_applications: list[str] = Field(
         default=["postgres_exporter", "pg_dump", "pg_basebackup", "pg_restore", "psql-maintenance"],
         description="Sessions of these application_names are never ended by a runbook")

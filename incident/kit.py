@@ -26,7 +26,7 @@ every scenario flow takes ``target`` (inventory service), ``dry_run``, ``trigger
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, NoReturn, TypeVar
 
 from prefect import Task
 from prefect.states import State
@@ -39,6 +39,8 @@ from incident.inventory import Target, load_target
 from incident.record import Incident, Trigger, open_incident
 from tasks.common import CHANGING_TAG, ActionResult
 
+R = TypeVar("R", bound=ActionResult)
+
 #: The parameters every scenario flow takes (the contract above).
 CONTRACT_PARAMETERS = ("target", "dry_run", "trigger", "incident_id")
 
@@ -50,14 +52,21 @@ class Diagnosis(BaseModel):
     summary: str
 
 
-class Step(BaseModel):
+class Step(BaseModel, Generic[R]):
     """What ``change`` did: ``taken`` with the task's result, or not, with the closed state."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     taken: bool
-    result: ActionResult | None = None
+    done: R | None = None
     closing: State | None = None
+
+    @property
+    def result(self) -> R:
+        """What the changing task returned (only for a step that was taken)."""
+        if self.done is None:
+            raise RuntimeError("the step was not taken: there is no result")
+        return self.done
 
     @property
     def closed(self) -> State:
@@ -84,8 +93,8 @@ def already_fine(incident: Incident, seen: Diagnosis) -> State:
     return incident.close("already fine", f"{seen.summary}; nothing to do")
 
 
-def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[..., ActionResult],
-           *args: Any, **kwargs: Any) -> Step:
+def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[..., R],
+           *args: Any, **kwargs: Any) -> Step[R]:
     """Run one changing step: plan -> approval -> guardrails -> task -> record.
 
     Not approved (dry run, rejected, stood down) or held back by a guardrail: nothing
@@ -100,12 +109,12 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
         )
     decision = request_approval(incident, plan, target)
     if not decision.approved:
-        return Step(taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
+        return Step[R](taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
     for guardrail in GUARDRAILS:
         held = guardrail(incident, target, plan)
         if held:
             escalate(incident, f"{plan.action} on {plan.target} held back: {held}")
-            return Step(taken=False, closing=incident.close(
+            return Step[R](taken=False, closing=incident.close(
                 "held back", f"{plan.action} was approved but held back ({held}); nothing changed"))
     try:
         result = task(*args, **kwargs)
@@ -117,7 +126,7 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
                              "what it changed is unknown: check the target by hand")
         raise
     incident.action(result.action, result.target, result.changed, result.detail)
-    return Step(taken=True, result=result)
+    return Step[R](taken=True, done=result)
 
 
 def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
@@ -131,7 +140,7 @@ def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> Sta
 
 
 def escalate_and_fail(incident: Incident, why: str, expected: str = "the service healthy",
-                      error: type[NeedsHumanError] = NeedsHumanError) -> State:
+                      error: type[NeedsHumanError] = NeedsHumanError) -> NoReturn:
     """Hand the incident to humans with what the run saw, and end the run Failed."""
     escalate(incident, why)
     incident.fail(why)

@@ -289,6 +289,8 @@ def render_report(r: IncidentRecord) -> str:
         f"- kind: {r.trigger.kind}; source: {r.trigger.source or '-'}",
         f"- summary: {r.trigger.summary or '-'}",
     ]
+    if r.trigger.labels:
+        lines.append("- labels: " + ", ".join(f"`{k}={v}`".replace("\n", " ") for k, v in r.trigger.labels.items()))
     if r.trigger.fingerprint:
         lines.append(f"- fingerprint: `{r.trigger.fingerprint}`; fired at {_t(r.trigger.fired_at)}")
     for link in r.trigger.links:

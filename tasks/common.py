@@ -13,6 +13,7 @@ Every task that touches a live system is one of two kinds, declared with a prese
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, ParamSpec, TypeVar
 
 from prefect import Task, task
@@ -26,6 +27,7 @@ CHANGING_TAG = "changing"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def only_transient_errors(task: Any, task_run: Any, state: Any) -> bool:
@@ -50,6 +52,27 @@ def read_only_task(fn: Callable[P, R]) -> Task[P, R]:
 def changing_task(fn: Callable[P, R]) -> Task[P, R]:
     """A task that changes a live system: no cache, no retries, tagged ``changing``."""
     return task(cache_policy=NO_CACHE, retries=0, tags=[CHANGING_TAG])(fn)
+
+
+def count_consecutive(check: Callable[[], T], good: Callable[[T], bool], consecutive: int, deadline_s: float,
+                      interval_s: float, streak_so_far: int = 0) -> tuple[int, int, T]:
+    """The one verify loop: ``check()`` every ``interval_s`` until ``consecutive`` good results in
+    a row, or the deadline passes. Returns (the streak at the end, checks made, the last result).
+
+    ``streak_so_far``: good results already seen in a row just before (e.g. the probe that showed
+    a restart worked); the streak continues from there, one interval later.
+    """
+    deadline = time.monotonic() + deadline_s
+    streak, checks = streak_so_far, 0
+    if streak:
+        time.sleep(interval_s)
+    while True:
+        last = check()
+        checks += 1
+        streak = streak + 1 if good(last) else 0
+        if streak >= consecutive or time.monotonic() >= deadline:
+            return streak, checks, last
+        time.sleep(interval_s)
 
 
 class DependencyCheck(BaseModel):

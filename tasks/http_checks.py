@@ -6,7 +6,6 @@ flow records and acts on. Only a probe that cannot be made at all (bad URL) rais
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 import httpx
@@ -15,7 +14,7 @@ from pydantic import BaseModel
 from incident.errors import ConfigurationError
 from incident.inventory import Target
 from incident.settings import get_settings
-from tasks.common import read_only_task
+from tasks.common import count_consecutive, read_only_task
 
 
 class HealthProbe(BaseModel):
@@ -87,17 +86,8 @@ def wait_until_healthy(
     showed a restart worked); the streak continues from there, one interval later.
     """
     url = target.service.health_url
-    deadline = time.monotonic() + deadline_s
-    streak, probes = streak_so_far, 0
-    if streak:
-        time.sleep(interval_s)
-    while True:
-        last = check_health(url)
-        probes += 1
-        streak = streak + 1 if last.healthy else 0
-        if streak >= consecutive or time.monotonic() >= deadline:
-            break
-        time.sleep(interval_s)
+    streak, probes, last = count_consecutive(lambda: check_health(url), lambda p: p.healthy, consecutive,
+                                             deadline_s, interval_s, streak_so_far)
     return HealthStreak(
         healthy=streak >= consecutive, consecutive=streak, required=consecutive,
         probes=probes, last=last,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shlex
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import paramiko
 from pydantic import BaseModel
@@ -90,6 +92,17 @@ def run_commands(host: SshHost, commands: list[list[str]], timeout_s: float = 30
     client = ssh_connect(host)
     try:
         return [_exec(client, host, argv, timeout_s) for argv in commands]
+    finally:
+        client.close()
+
+
+@contextmanager
+def ssh_session(host: SshHost) -> Iterator[Callable[..., CommandResult]]:
+    """One SSH connection for commands that depend on each other's output: yields
+    ``run(argv, timeout_s=30.0) -> CommandResult`` (each argv quoted, as above)."""
+    client = ssh_connect(host)
+    try:
+        yield lambda argv, timeout_s=30.0: _exec(client, host, argv, timeout_s)
     finally:
         client.close()
 
