@@ -164,8 +164,8 @@ def up() -> None:
     settings = get_settings()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    print("lab: starting dockerd, PostgreSQL, Redis, sshd, the web container, blackbox, "
-          "Prometheus and Alertmanager ...", flush=True)
+    print("lab: starting dockerd, PostgreSQL, Redis, sshd, the web container, the disk, the "
+          "exporters, Prometheus and Alertmanager ...", flush=True)
     lab = Lab(settings.lab_dir, alerting=True)
     lab.up()
     home = state / "prefect"
@@ -229,10 +229,10 @@ def status() -> None:
     for name in ("prefect-server", "prefect-worker", "alert-gateway"):
         pid = _pid(settings.state_dir, name)
         up = bool(pid and _alive(pid))
-        print(f"{name:16} {f'up (pid {pid})' if up else 'down'}"
+        print(f"{name:18} {f'up (pid {pid})' if up else 'down'}"
               + (f"  {where[name]}" if up and where.get(name) else ""))
     for name, st in lab.status().items():
-        print(f"{name:16} {st}")
+        print(f"{name:18} {st}")
 
 
 if __name__ == "__main__":

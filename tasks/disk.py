@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from incident.errors import ConfigurationError, SshError
 from incident.inventory import CleanupRule, DiskSpec, SshHost, Target
 from tasks.common import ActionResult, changing_task, read_only_task
-from tasks.ssh_hosts import CommandResult, _require_ssh, run_command, ssh_session
+from tasks.ssh_hosts import CommandResult, require_ssh, run_command, ssh_session
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -242,7 +242,7 @@ def _path_alternatives(paths: list[str]) -> list[str]:
 @read_only_task
 def read_disk_free(target: Target) -> DiskFree:
     """Runbook 002/003: ``df`` of the service's disk mount, in bytes."""
-    host, spec = _require_ssh(target), disk_spec(target)
+    host, spec = require_ssh(target), disk_spec(target)
     res = run_command(host, ["df", "-PB1", "--", spec.mount])
     lines = res.stdout.splitlines()
     match = _DF_LINE.match(lines[1]) if res.ok and len(lines) > 1 else None
@@ -256,7 +256,7 @@ def read_disk_free(target: Target) -> DiskFree:
 @read_only_task
 def read_largest_dirs(target: Target, depth: int = 2, top: int = 8) -> list[DirUsage]:
     """What fills the disk: ``du -x -B1 -d DEPTH MOUNT``, the largest directories below the mount."""
-    host, spec = _require_ssh(target), disk_spec(target)
+    host, spec = require_ssh(target), disk_spec(target)
     res = run_command(host, ["du", "-x", "-B1", "-d", str(depth), "--null", "--", spec.mount],
                       timeout_s=120.0)
     dirs = []
@@ -273,7 +273,7 @@ def read_largest_dirs(target: Target, depth: int = 2, top: int = 8) -> list[DirU
 @read_only_task
 def find_old_files(target: Target) -> list[RuleCandidates]:
     """Per cleanup rule, the regular files older than its threshold (sizes and ages)."""
-    host, spec = _require_ssh(target), disk_spec(target)
+    host, spec = require_ssh(target), disk_spec(target)
     with ssh_session(host) as run:
         now = _remote_now(run, host)
         return [_candidates(run, rule, now) for rule in spec.cleanup]
@@ -324,7 +324,7 @@ def delete_old_files(target: Target, planned: list[PlannedDeletion]) -> Deletion
     See the module docstring for the checks made on the host at execution time. Nothing
     qualifying any more (vanished, younger, already deleted by an earlier run) is "already fine".
     """
-    host, spec = _require_ssh(target), disk_spec(target)
+    host, spec = require_ssh(target), disk_spec(target)
     rules = {r.path: r for r in spec.cleanup}
     for p in planned:
         if rules.get(p.rule.path) != p.rule:

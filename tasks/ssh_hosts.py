@@ -120,7 +120,7 @@ def _exec(client: paramiko.SSHClient, host: SshHost, argv: list[str], timeout_s:
     return CommandResult(command=command, exit_code=code, stdout=out, stderr=err)
 
 
-def _require_ssh(target: Target) -> SshHost:
+def require_ssh(target: Target) -> SshHost:
     if target.ssh is None:
         raise ConfigurationError(target.name, "no ssh_host in the inventory", "an SSH host",
                                  "add ssh_host to the service in the inventory")
@@ -130,7 +130,7 @@ def _require_ssh(target: Target) -> SshHost:
 @read_only_task
 def read_host_resources(target: Target, paths: list[str] | None = None) -> HostResources:
     """Runbook: `df -h` and `free -h` on the service's host."""
-    host = _require_ssh(target)
+    host = require_ssh(target)
     paths = paths or ["/"]
     df, mem = run_commands(host, [["df", "-Pk", "--", *paths], ["cat", "/proc/meminfo"]])
     if not df.ok or not mem.ok:
