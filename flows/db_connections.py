@@ -23,13 +23,12 @@ it escalates with the groups it saw. Restarting the database (000 step 4) is a h
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.states import State
 
 from incident.approval import ActionPlan
 from incident.errors import TargetUnreachableError, VerificationFailedError
 from incident.inventory import Target
-from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.http_checks import wait_until_healthy
 from tasks.postgres import ConnectionUsage, address_of, capped, read_connection_usage
@@ -42,7 +41,7 @@ class ConnectionsDiagnosis(Diagnosis):
     usage: ConnectionUsage
 
 
-@flow(name=SCENARIO, log_prints=False)
+@runbook_flow(SCENARIO)
 def db_connections(
     target: str = "web",
     dry_run: bool = False,

@@ -24,13 +24,12 @@ back after being ended (an application re-taking the lock) is escalated with wha
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.states import State
 
 from incident.approval import ActionPlan
 from incident.errors import TargetUnreachableError, VerificationFailedError
 from incident.inventory import Target
-from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.http_checks import wait_until_healthy
 from tasks.postgres import Blocker, LockState, address_of, cancel_blocking_queries, capped
@@ -44,7 +43,7 @@ class LocksDiagnosis(Diagnosis):
     locks: LockState
 
 
-@flow(name=SCENARIO, log_prints=False)
+@runbook_flow(SCENARIO)
 def db_locks(
     target: str = "web",
     dry_run: bool = False,

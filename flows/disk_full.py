@@ -26,13 +26,12 @@ the human the run escalates to (the escalation lists the largest directories).
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.states import State
 
 from incident.approval import ActionPlan
 from incident.errors import VerificationFailedError
 from incident.inventory import DiskSpec, Severity, Target
-from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.disk import DirUsage, DiskFree, PlannedDeletion, RuleCandidates, age_args, delete_old_files
 from tasks.disk import describe_dirs, disk_spec, find_old_files, human, list_files, read_disk_free
@@ -51,7 +50,7 @@ class DiskDiagnosis(Diagnosis):
         return sum(c.total_bytes for c in self.candidates)
 
 
-@flow(name=SCENARIO, log_prints=False)
+@runbook_flow(SCENARIO)
 def disk_full(
     target: str = "web",
     dry_run: bool = False,

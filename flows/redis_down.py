@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import shlex
 
-from prefect import flow
 from prefect.states import State
 
 from incident.approval import ActionPlan
 from incident.errors import ActionFailedError, TargetUnreachableError, VerificationFailedError
 from incident.inventory import SshHost, Target
-from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.http_checks import HealthProbe, probe_health, wait_until_healthy
 from tasks.redis import (
@@ -46,7 +45,7 @@ class RedisDiagnosis(Diagnosis):
     health: HealthProbe
 
 
-@flow(name=SCENARIO, log_prints=False)
+@runbook_flow(SCENARIO)
 def redis_down(
     target: str = "web",
     dry_run: bool = False,

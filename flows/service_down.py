@@ -19,7 +19,6 @@ a deadline, else escalate and fail saying what was seen).
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.states import State
 from pydantic import ConfigDict
@@ -27,7 +26,7 @@ from pydantic import ConfigDict
 from incident.approval import ActionPlan
 from incident.errors import VerificationFailedError
 from incident.inventory import Target
-from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail
+from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.containers import ContainerState, inspect_container, read_container_logs
 from tasks.containers import restart_container, rollback_container
@@ -47,7 +46,7 @@ class ServiceDiagnosis(Diagnosis):
     host_resources: PrefectFuture | None = None  # an SSH round trip, recorded when needed
 
 
-@flow(name=SCENARIO, log_prints=False)
+@runbook_flow(SCENARIO)
 def service_down(
     target: str = "web",
     dry_run: bool = False,

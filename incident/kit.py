@@ -2,6 +2,8 @@
 
 A scenario flow reads like its runbook and leaves the mechanics here::
 
+    @runbook_flow(SCENARIO)                    # the record is closed whatever stops the run
+    def scenario(target, dry_run, trigger, incident_id, ...) -> State:
     incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
     seen = diagnose(...)                       # read-only tasks -> a Diagnosis
     if seen.healthy:
@@ -28,7 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, NoReturn, TypeVar
 
-from prefect import Task
+from prefect import Flow, Task, flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.runtime import flow_run as current_run
 from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
@@ -82,11 +86,49 @@ Guardrail = Callable[[Incident, Target, ActionPlan], "str | None"]
 GUARDRAILS: list[Guardrail] = []
 
 
+#: The open incident of each flow run of this process, for the state hooks below.
+_LIVE: dict[str, Incident] = {}
+
+
+def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., State]]:
+    """``@runbook_flow(SCENARIO)``: the Prefect flow of a scenario, named after it, whose record
+    is closed and escalated whatever ends the run (see ``close_stopped_run``)."""
+    return flow(name=scenario, log_prints=False, on_failure=[close_stopped_run],
+                on_crashed=[close_stopped_run], on_completion=[_forget_run])
+
+
 def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str | None,
           dry_run: bool) -> tuple[Incident, Target]:
     """Load the target from the inventory and open the incident record (names the run)."""
     service = load_target(target)
-    return open_incident(scenario, service, trigger, incident_id, dry_run), service
+    incident = open_incident(scenario, service, trigger, incident_id, dry_run)
+    run_id = current_run.get_id()
+    if run_id:
+        _LIVE[str(run_id)] = incident
+    return incident, service
+
+
+def close_stopped_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """State hook (Failed, Crashed): a run that stopped on an unexpected error still ends with a
+    closed, true record - what it saw, what it changed and what not - and an escalation.
+
+    Runs that failed on purpose (``escalate_and_fail``, an approval timeout) closed their record
+    already: nothing more is done for them.
+    """
+    incident = _LIVE.pop(str(flow_run.id), None)
+    if incident is None or incident.record.outcome != "open":
+        return
+    changed = [f"{a.action} on {a.target}" for a in incident.record.actions if a.changed]
+    what = (f"it changed: {'; '.join(changed)}" if changed else "it changed nothing")
+    why = (f"the run stopped unexpectedly ({state.name}: {state.message or 'no message'}) in phase "
+           f"{incident.record.timeline[-1].phase if incident.record.timeline else 'detect'}; {what}; "
+           "check the target by hand")
+    escalate(incident, why)
+    incident.fail(why)
+
+
+def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    _LIVE.pop(str(flow_run.id), None)
 
 
 def already_fine(incident: Incident, seen: Diagnosis) -> State:

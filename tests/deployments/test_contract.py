@@ -20,7 +20,7 @@ from prefect.flows import load_flow_from_entrypoint
 
 from gateway.routing import Router
 from incident.approval import load_policies
-from incident.kit import CONTRACT_PARAMETERS
+from incident.kit import CONTRACT_PARAMETERS, close_stopped_run
 from incident.record import Trigger
 from incident.settings import REPO_ROOT
 from tasks.common import CHANGING_TAG, READ_ONLY_TAG
@@ -57,6 +57,13 @@ def test_every_scenario_takes_the_contract_parameters(deployment):
         "trigger": Trigger(kind="alert", source="alertmanager", summary="x").model_dump(mode="json"),
     })
     assert validated["dry_run"] is True and validated["trigger"].source == "alertmanager"
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
+def test_every_scenario_closes_its_record_whatever_stops_it(deployment):
+    flow = _flow(deployment)
+    assert close_stopped_run in flow.on_failure_hooks and close_stopped_run in flow.on_crashed_hooks, \
+        f"{flow.name}: declare it with @runbook_flow (incident/kit.py)"
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])

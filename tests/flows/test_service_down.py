@@ -158,7 +158,15 @@ def test_unreachable_docker_engine_is_a_clear_error(prefect_api, healthy_web, tm
     path.write_text(yaml.safe_dump(inv))
     monkeypatch.setenv("RUNBOOKS_INVENTORY", str(path))
     healthy_web.kill_web()
-    state = service_down(target="web", return_state=True)
+    incident_id = new_incident_id()
+    state = service_down(target="web", incident_id=incident_id, return_state=True)
     assert state.is_failed()
     assert "Docker engine did not answer" in state.message
     assert "dockerd" in state.message  # says what to do next
+    # an unexpected stop still ends in a closed, true record and an escalation
+    text = report(incident_id)
+    assert "**Status:** failed" in text
+    assert "the run stopped unexpectedly" in text and "it changed nothing" in text
+    assert "## Escalations" in text
+    found = escalations(prefect_api, incident_id)
+    assert found and "stopped unexpectedly" in found[0]["payload"]["reason"]
