@@ -2,17 +2,17 @@
 
 A scenario flow reads like its runbook and leaves the mechanics here::
 
-    @runbook_flow(SCENARIO)                    # the record is closed whatever stops the run
+    @runbook_flow(SCENARIO)                        # the record is closed whatever stops the run
     def scenario(target, dry_run, trigger, incident_id, ...) -> State:
-    incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
-    seen = diagnose(...)                       # read-only tasks -> a Diagnosis
-    if seen.healthy:
-        return already_fine(incident, seen)
-    step = change(incident, service, plan, restart_container, service)
-    if not step.taken:
-        return step.closed                     # dry run, rejected, stood down, held back
-    ...
-    return incident.close("resolved", ...)     # or escalate_and_fail(incident, why)
+        incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
+        seen = diagnose(...)                       # read-only tasks -> a Diagnosis
+        if seen.healthy:
+            return already_fine(incident, seen)
+        step = change(incident, service, plan, restart_container, service)
+        if not step.taken:
+            return step.closed                     # dry run, rejected, stood down, held back
+        ...
+        return incident.close("resolved", ...)     # or escalate_and_fail(incident, why)
 
 ``change`` is the **one choke point for changing steps**: plan -> approval gate (a human,
 or a written policy) -> guardrails -> the changing task -> the action recorded. Every
