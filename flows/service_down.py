@@ -24,7 +24,7 @@ from prefect.states import State
 from pydantic import ConfigDict
 
 from incident.approval import ActionPlan
-from incident.errors import VerificationFailedError
+from incident.errors import RunbookError, VerificationFailedError
 from incident.inventory import Target
 from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
@@ -148,10 +148,17 @@ def diagnose(incident: Incident, service: Target) -> ServiceDiagnosis:
 
 
 def record_host_resources(incident: Incident, resources: PrefectFuture | None) -> None:
-    """Runbook 001 step 4 / 003: disk and memory of the host, flagged at 90 % disk use."""
+    """Runbook 001 step 4 / 003: disk and memory of the host, flagged at 90 % disk use.
+
+    An optional finding: a host that cannot be read over SSH is recorded as such and the run
+    goes on (the service's outage, not the SSH host, decides what this runbook does)."""
     if resources is None:
         return
-    res = resources.result()
+    try:
+        res = resources.result()
+    except RunbookError as exc:
+        incident.finding("host resources", False, f"not read ({exc.observed}); optional, the run goes on")
+        return
     tight = [d for d in res.disks if d.used_percent >= 90]
     incident.finding("host resources", not tight, res.describe())
 

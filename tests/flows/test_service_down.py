@@ -170,3 +170,24 @@ def test_unreachable_docker_engine_is_a_clear_error(prefect_api, healthy_web, tm
     assert "## Escalations" in text
     found = escalations(prefect_api, incident_id)
     assert found and "stopped unexpectedly" in found[0]["payload"]["reason"]
+
+
+def test_an_ssh_host_that_refuses_does_not_fail_the_run(prefect_api, healthy_web):
+    """Host resources over SSH are an optional finding: with sshd down a healthy target is
+    still Already Fine, and a dead one is still restarted and verified."""
+    lab = healthy_web
+    lab.stop_component("sshd")
+    try:
+        state = service_down(target="web", return_state=True)
+        assert state.name == "Already Fine", state.message
+        lab.kill_web()
+        incident_id = new_incident_id()
+        state = service_down(target="web", incident_id=incident_id, restart_deadline_s=8,
+                             verify_deadline_s=40, return_state=True)
+        assert state.is_completed() and state.name == "Completed", state.message
+        assert _health(lab) == 200
+        text = report(incident_id)
+        assert "| host resources | **problem** | not read (" in text
+        assert "| restart_container | lab-web | yes |" in text
+    finally:
+        lab.sshd.up()
