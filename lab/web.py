@@ -126,45 +126,39 @@ class Web:
         finally:
             client.close()
 
-    def healthy(self) -> bool:
-        """The service is back: its container runs and ``/health`` answers 200 (whatever the
-        image: a rollback to the previous release heals a broken one)."""
+    def _running(self) -> tuple[str, dict[str, str]] | None:
+        """(image, labels) of the web container if it runs; None with no engine, no container,
+        or a container that is not running."""
         try:
             client = self.docker.client(timeout=5)
-        except Exception:  # noqa: BLE001 - no engine: not healthy
-            return False
+        except Exception:  # noqa: BLE001 - no engine: not running
+            return None
         try:
             c = self._get(client)
             if c is None or c.attrs["State"].get("Status") != "running":
-                return False
+                return None
+            return c.attrs["Config"]["Image"], dict(c.labels or {})
         except Exception:  # noqa: BLE001
-            return False
+            return None
         finally:
             client.close()
-        return http_get(self.ctx.info.health_url, 3)[0] == 200
+
+    def healthy(self) -> bool:
+        """The service is back: its container runs and ``/health`` answers 200 (whatever the
+        image: a rollback to the previous release heals a broken one)."""
+        return self._running() is not None and http_get(self.ctx.info.health_url, 3)[0] == 200
 
     def at_baseline(self) -> bool:
         """The web service is as ``reset`` leaves it: the container runs the current release
         (labelled with the right previous image) and ``/health`` answers 200. A rollback
         to the previous image heals the outage but is not this baseline."""
         info = self.ctx.info
-        try:
-            client = self.docker.client(timeout=5)
-        except Exception:  # noqa: BLE001 - no engine: not healthy
+        running = self._running()
+        if running is None:
             return False
-        try:
-            c = self._get(client)
-            if c is None or c.attrs["State"].get("Status") != "running":
-                return False
-            if c.attrs["Config"]["Image"] != info.web_image:
-                return False
-            if (c.labels or {}).get("runbooks.previous-image") != info.previous_image:
-                return False
-        except Exception:  # noqa: BLE001
-            return False
-        finally:
-            client.close()
-        return http_get(info.health_url, 3)[0] == 200
+        image, labels = running
+        return (image == info.web_image and labels.get("runbooks.previous-image") == info.previous_image
+                and http_get(info.health_url, 3)[0] == 200)
 
     def status(self) -> str:
         import docker.errors
