@@ -1,18 +1,28 @@
 """Docker: container state, logs, restart, roll back to the previous image.
 
 The previous image of a container is kept in its label ``runbooks.previous-image``
-(set by whoever deploys it, the lab included); a rollback recreates the container
-from that image and records the image it replaced, so the rollback can be undone.
+(set by whoever deploys it, the lab included). A rollback resolves that reference to the
+image the engine holds (its ID, or its registry digest), recreates the container from it
+with the container's whole configuration (``Config``, ``HostConfig``, networks; only the
+image and what came from the image change), and records the image it replaced in the same
+label, so the rollback can be undone. It is atomic: the old container is renamed
+``<name>-rollback-old-<UTC time>`` and stopped, and removed only once the new one is
+healthy; otherwise the new one is removed and the old one put back as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 import docker
 import docker.errors
+import requests
 from docker.models.containers import Container
+from docker.models.images import Image
 from prefect import get_run_logger
 from pydantic import BaseModel
 
@@ -21,12 +31,17 @@ from incident.errors import (
     ConfigurationError,
     ContainerNotFoundError,
     DockerEngineUnreachableError,
+    RunbookError,
 )
 from incident.inventory import DockerHost, Target
-from tasks.common import ActionResult, changing_task, read_only_task
-from tasks.http_checks import check_health
+from tasks.common import ActionResult, changing_task, count_consecutive, read_only_task
+from tasks.http_checks import HealthProbe, HealthStreak, check_health
 
 PREVIOUS_IMAGE_LABEL = "runbooks.previous-image"
+#: a rollback parks the old container as ``<name><PARKED_INFIX><UTC time>`` until the new one is healthy
+PARKED_INFIX = "-rollback-old-"
+#: what the Docker SDK raises when the engine refuses a call or does not answer in time
+ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 class ContainerState(BaseModel):
@@ -42,6 +57,7 @@ class ContainerState(BaseModel):
     finished_at: datetime | None
     error: str | None
     previous_image: str | None
+    parked: list[str] = []  # old containers a rollback set aside and left (a run stopped half-way)
 
     def describe(self) -> str:
         parts = [f"container {self.name} ({self.image}) is {self.status}"]
@@ -52,6 +68,9 @@ class ContainerState(BaseModel):
         parts.append(f"restart count {self.restart_count}")
         if self.error:
             parts.append(f"error: {self.error}")
+        if self.parked:
+            parts.append(f"a rollback stopped half-way left the old container {', '.join(self.parked)}: "
+                         "check it with `docker inspect`, then remove it (`docker rm`)")
         return ", ".join(parts)
 
 
@@ -82,10 +101,25 @@ def _get_container(client: docker.DockerClient, name: str, host: DockerHost) -> 
     try:
         return client.containers.get(name)
     except docker.errors.NotFound:
+        parked = parked_containers(client, name)
+    if parked:
         raise ContainerNotFoundError(
-            f"{name}@{host.base_url}", "no such container", "the service's container to exist",
-            "check the container name in the inventory; redeploy the service if it was removed",
-        ) from None
+            f"{name}@{host.base_url}", f"no such container, but a rollback left {', '.join(parked)}",
+            "the service's container to exist",
+            f"a rollback stopped half-way: check {parked[-1]} with `docker inspect`, then put it back "
+            f"(`docker rename {parked[-1]} {name} && docker start {name}`) or remove it",
+        )
+    raise ContainerNotFoundError(
+        f"{name}@{host.base_url}", "no such container", "the service's container to exist",
+        "check the container name in the inventory; redeploy the service if it was removed",
+    ) from None
+
+
+def parked_containers(client: docker.DockerClient, name: str) -> list[str]:
+    """Names of old containers a rollback of ``name`` renamed and left (oldest first)."""
+    prefix = f"{name}{PARKED_INFIX}"
+    found = client.containers.list(all=True, filters={"name": prefix})
+    return sorted(c.name for c in found if c.name.startswith(prefix))
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -112,6 +146,7 @@ def _state_of(container: Container) -> ContainerState:
         finished_at=_parse_time(state.get("FinishedAt")),
         error=state.get("Error") or None,
         previous_image=(container.labels or {}).get(PREVIOUS_IMAGE_LABEL),
+        parked=parked_containers(container.client, container.name),
     )
 
 
@@ -153,12 +188,255 @@ def restart_container(target: Target, stop_timeout_s: int = 10) -> ActionResult:
                         detail=f"restarted; now {after.describe()}")
 
 
+# --------------------------------------------------------------------------- rollback
+
+
+class _StoppedForGood(Exception):
+    """The container being checked exited and its restart policy will not start it again."""
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    if isinstance(exc, RunbookError):
+        return exc.observed
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _image_for_rollback(client: docker.DockerClient, reference: str, name: str) -> Image:
+    """The image the label names, as this engine holds it: an error before anything is changed."""
+    try:
+        return client.images.get(reference)
+    except docker.errors.ImageNotFound:
+        raise ActionFailedError(
+            name, f"{PREVIOUS_IMAGE_LABEL} names {reference}, which is not on the Docker host; nothing was changed",
+            "the previous image to be present",
+            f"load or pull {reference} on the host (or correct the label to an image it has), then rerun the runbook",
+        ) from None
+    except docker.errors.APIError as exc:  # e.g. an invalid reference format
+        raise ActionFailedError(
+            name, f"{PREVIOUS_IMAGE_LABEL} names {reference!r}, which the engine refuses ({_why(exc)}); "
+            "nothing was changed", "an image reference such as repo:tag or repo@sha256:...",
+            "correct the label of the container (redeploy it with the right previous image), then rerun",
+        ) from None
+
+
+def pinned_reference(image: Image, reference: str) -> str:
+    """The exact image to create from: its registry digest in the label's repository if the engine
+    knows one (``repo@sha256:...``), else its image ID (``sha256:...``). A tag may move; these do not."""
+    repository = reference.split("@", 1)[0]
+    if repository.rfind(":") > repository.rfind("/"):
+        repository = repository[:repository.rfind(":")]
+    for digest in image.attrs.get("RepoDigests") or []:
+        if digest.split("@", 1)[0] == repository:
+            return str(digest)
+    return str(image.id)
+
+
+def _link(link: str) -> str:
+    """``docker inspect`` shows a link as ``/other:/name/alias``; creating a container takes ``other:alias``."""
+    source, _, alias = link.partition(":")
+    return f"{source.lstrip('/')}:{alias.rsplit('/', 1)[-1]}" if alias else source.lstrip("/")
+
+
+def _keep_anonymous_volumes(attrs: dict[str, Any], host: dict[str, Any]) -> None:
+    """Volumes nobody named (``-v /path``, ``--mount type=volume,dst=/path``, an image's VOLUME) are
+    mounted by name in the new container, so their data stays with the service."""
+    by_destination = {m["Destination"]: m for m in attrs.get("Mounts") or [] if m.get("Type") == "volume"}
+    covered = {bind.split(":")[1] for bind in host.get("Binds") or [] if ":" in bind}
+    covered |= set(host.get("Tmpfs") or {})
+    for mount in host.get("Mounts") or []:
+        covered.add(mount.get("Target"))
+        if mount.get("Type") == "volume" and not mount.get("Source") and mount.get("Target") in by_destination:
+            mount["Source"] = by_destination[mount["Target"]]["Name"]
+    declared = attrs["Config"].get("Volumes") or {}  # the container's and its image's
+    anonymous = [by_destination[d] for d in declared if d in by_destination and d not in covered]
+    if anonymous:
+        host["Binds"] = [*(host.get("Binds") or []),
+                         *(f"{m['Name']}:{m['Destination']}" + ("" if m.get("RW", True) else ":ro") for m in anonymous)]
+
+
+_ENDPOINT_SETTINGS = ("IPAMConfig", "Links", "Aliases", "DriverOpts", "MacAddress")
+
+
+def recreate_spec(attrs: dict[str, Any], image_config: dict[str, Any], image: str,
+                  labels: dict[str, str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """What recreates a container from ``image`` with its whole configuration: the body of
+    ``POST /containers/create`` and the further networks to connect it to before it starts.
+
+    ``attrs`` is the container's ``docker inspect``, ``image_config`` the ``Config`` of the image
+    it runs. Everything the container sets is kept: ``HostConfig`` whole (ports, limits, mounts,
+    capabilities, security options, restart policy...), user, command, entrypoint, working dir,
+    exposed ports, env, labels, stop signal, health check, networks with their aliases and
+    addresses. What it only inherited from the image it runs (that image's env, labels, command,
+    user...) is left out, so the new image brings its own. ``labels`` are set on top.
+    """
+    config = copy.deepcopy(attrs["Config"])
+    host = copy.deepcopy(attrs["HostConfig"])
+    for key in ("User", "WorkingDir", "StopSignal", "Healthcheck", "Shell", "OnBuild", "ArgsEscaped"):
+        if key in config and config[key] == image_config.get(key):
+            del config[key]
+    if config.get("Entrypoint") == image_config.get("Entrypoint"):
+        config.pop("Entrypoint", None)
+        if config.get("Cmd") == image_config.get("Cmd"):
+            config.pop("Cmd", None)
+    image_env = set(image_config.get("Env") or [])
+    config["Env"] = [e for e in config.get("Env") or [] if e not in image_env]
+    image_labels = image_config.get("Labels") or {}
+    config["Labels"] = {k: v for k, v in (config.get("Labels") or {}).items()
+                        if k not in image_labels or image_labels[k] != v} | labels
+    for key in ("ExposedPorts", "Volumes"):
+        inherited = image_config.get(key) or {}
+        config[key] = {k: v for k, v in (config.get(key) or {}).items() if k not in inherited} or None
+    mode = host.get("NetworkMode") or "default"
+    if (config.get("Hostname") == attrs["Id"][:12] or mode == "host" or mode.startswith("container:")
+            or host.get("UTSMode") == "host"):
+        config.pop("Hostname", None)
+    for key in ("Domainname", "MacAddress"):
+        if not config.get(key):
+            config.pop(key, None)
+    config["Image"] = image
+    if host.get("Links"):
+        host["Links"] = [_link(link) for link in host["Links"]]
+    _keep_anonymous_volumes(attrs, host)
+
+    endpoints: dict[str, dict[str, Any]] = {}
+    for network, settings in ((attrs.get("NetworkSettings") or {}).get("Networks") or {}).items():
+        endpoint = {k: settings[k] for k in _ENDPOINT_SETTINGS if settings.get(k)}
+        aliases = [a for a in endpoint.get("Aliases") or [] if a != attrs["Id"][:12]]
+        endpoint.pop("Aliases", None)
+        if aliases:
+            endpoint["Aliases"] = aliases
+        if endpoint.get("Links"):
+            endpoint["Links"] = [_link(link) for link in endpoint["Links"]]
+        endpoints[network] = endpoint
+    primary = "bridge" if mode == "default" else mode
+    body = {**config, "HostConfig": host}
+    if primary in endpoints:  # creating takes one network on every API version; the others are connected
+        body["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoints.pop(primary)}}
+    return body, endpoints
+
+
+def _connect(client: docker.DockerClient, container_id: str, network: str, endpoint: dict[str, Any]) -> None:
+    ipam = endpoint.get("IPAMConfig") or {}
+    client.api.connect_container_to_network(
+        container_id, network, ipv4_address=ipam.get("IPv4Address") or None,
+        ipv6_address=ipam.get("IPv6Address") or None, link_local_ips=ipam.get("LinkLocalIPs") or None,
+        aliases=endpoint.get("Aliases"), links=endpoint.get("Links"), driver_opt=endpoint.get("DriverOpts"),
+        mac_address=endpoint.get("MacAddress"),
+    )
+
+
+def _probe(container: Container, url: str) -> HealthProbe:
+    container.reload()
+    state = container.attrs["State"]
+    policy = (container.attrs["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
+    if state["Status"] in ("exited", "dead") and policy == "no":
+        raise _StoppedForGood(f"the container exited (exit code {state.get('ExitCode')})")
+    return check_health(url)
+
+
+def _wait_healthy(container: Container, url: str, consecutive: int, deadline_s: float,
+                  interval_s: float) -> HealthStreak:
+    """The flow's health check (``check_health`` in ``count_consecutive``) on one container;
+    it gives up at once when that container has exited for good."""
+    made: list[HealthProbe] = []
+
+    def probe() -> HealthProbe:
+        made.append(_probe(container, url))
+        return made[-1]
+
+    try:
+        streak, probes, last = count_consecutive(probe, lambda p: p.healthy, consecutive, deadline_s, interval_s)
+    except _StoppedForGood as stopped:
+        last = HealthProbe(url=url, at=datetime.now(timezone.utc), healthy=False, error=str(stopped))
+        return HealthStreak(healthy=False, consecutive=0, required=consecutive, probes=len(made) + 1, last=last)
+    return HealthStreak(healthy=streak >= consecutive, consecutive=streak, required=consecutive,
+                        probes=probes, last=last)
+
+
+def _log_tail(container: Container, lines: int = 5) -> str:
+    try:
+        raw = container.logs(tail=lines, stdout=True, stderr=True, timestamps=False)
+    except ENGINE_ERRORS as exc:
+        return f"(its logs could not be read: {_why(exc)})"
+    return " / ".join(raw.decode("utf-8", errors="replace").splitlines()[-lines:]) or "(no log lines)"
+
+
+@dataclass
+class _Swap:
+    """A rollback under way: the old container parked under another name, the image going in."""
+
+    client: docker.DockerClient
+    target: Target
+    name: str
+    old: Container
+    old_image: str
+    parked: str
+    image_id: str
+    pin: str
+    was_running: bool
+    health_deadline_s: float
+    probe_interval_s: float
+
+    def undo(self, reason: str, new: Container | None, unhealthy: bool = False) -> ActionFailedError:
+        """Put the old container back under its name, as it was; returns the error to raise,
+        which says what failed, that the rollback was undone, and what to do next."""
+        name, parked = self.name, self.parked
+        manual = f"docker rm -f {name}; docker rename {parked} {name}" + (
+            f"; docker start {name}" if self.was_running else "")
+        try:
+            if new is None:  # a create that failed to answer may still have made the container
+                try:
+                    squatter: Container | None = self.client.containers.get(name)
+                except docker.errors.NotFound:
+                    squatter = None
+                if squatter is not None and squatter.id != self.old.id and squatter.attrs["Image"] == self.image_id:
+                    new = squatter
+            if new is not None:
+                new.remove(force=True)
+            self.old.rename(name)
+            if self.was_running:
+                self.old.start()
+        except ENGINE_ERRORS as exc:
+            return ActionFailedError(
+                name, f"the rollback to {self.pin} failed ({reason}) and undoing it failed too ({_why(exc)}); "
+                f"the old container ({self.old_image}) is {parked}"
+                + ("" if new is None else f", the new one {new.short_id}"),
+                f"{name} to run the previous image healthy, or the old container put back",
+                f"put the old container back by hand: {manual}",
+            )
+        after = "stopped, as it was before"
+        if self.was_running:
+            back = _wait_healthy(self.old, self.target.service.health_url, 1, self.health_deadline_s,
+                                 self.probe_interval_s)
+            after = ("running again and healthy" if back.healthy
+                     else f"running again but NOT healthy ({back.last.describe()})")
+        return ActionFailedError(
+            name, f"the rollback to {self.pin} failed ({reason}); the rollback was undone: {name} is the old "
+            f"container ({self.old_image}) again, {after} (it was parked as {parked} meanwhile)",
+            f"{name} to run the previous image healthy",
+            f"the previous image is not a known good release here: read its log lines above, then roll "
+            f"back by hand to an image known to work (and set {PREVIOUS_IMAGE_LABEL} to it), or fix forward"
+            if unhealthy else "check the Docker engine and the error above (`docker ps -a`), then rerun the runbook",
+        )
+
+
 @changing_task
-def rollback_container(target: Target, expected_from: str) -> ActionResult:
+def rollback_container(target: Target, expected_from: str, healthy_probes: int = 3,
+                       health_deadline_s: float = 30.0, probe_interval_s: float = 1.0,
+                       stop_timeout_s: int = 10) -> ActionResult:
     """Runbook: "rollback to last known good version": recreate from the previous image.
 
     ``expected_from`` is the image the approved plan rolls away from: if the container
     already runs something else (someone rolled back already), nothing is done.
+
+    The previous image is resolved and pinned (digest or ID) and the new container's
+    configuration worked out before anything changes. Then: the old container is renamed
+    ``<name>-rollback-old-<UTC time>`` and stopped; the new one is created under the name
+    and started; once ``healthy_probes`` consecutive probes of the service's health URL
+    pass (within ``health_deadline_s``) the old one is removed. Otherwise the new one is
+    removed, the old one renamed back and started again if it ran, and the error says so.
     """
     host, name = _require_docker(target)
     client = docker_client(host)
@@ -171,40 +449,69 @@ def rollback_container(target: Target, expected_from: str) -> ActionResult:
     previous = state.previous_image
     if not previous:
         raise ActionFailedError(
-            name, f"no {PREVIOUS_IMAGE_LABEL} label on the container", "a recorded previous image",
+            name, f"no {PREVIOUS_IMAGE_LABEL} label on the container; nothing was changed",
+            "a recorded previous image",
             "roll back by hand to a known good image and set the label when deploying",
         )
+    image = _image_for_rollback(client, previous, name)
+    attrs = container.attrs
+    if image.id == attrs["Image"]:
+        raise ActionFailedError(
+            name, f"{PREVIOUS_IMAGE_LABEL} names {previous} ({image.id}), the image the container runs "
+            "already; nothing was changed", "an earlier image to roll back to",
+            f"roll back by hand to an image known to work and set {PREVIOUS_IMAGE_LABEL} to it when deploying",
+        )
+    if attrs["HostConfig"].get("AutoRemove"):
+        raise ActionFailedError(
+            name, "the container runs with --rm (AutoRemove): once stopped it is deleted, so it cannot be "
+            "kept to undo the rollback; nothing was changed", "a container that survives being stopped",
+            f"roll back by hand (docker run ... {previous}), and deploy the service without --rm",
+        )
     try:
-        client.images.get(previous)
+        running_image = client.images.get(attrs["Image"]).attrs["Config"] or {}
     except docker.errors.ImageNotFound:
         raise ActionFailedError(
-            name, f"previous image {previous} is not on the Docker host", "the image to be present",
-            f"load or pull {previous} on the host, then rerun the runbook",
+            name, f"the image it runs ({attrs['Image']}) is gone from the host, so what the container "
+            "inherited from it cannot be told apart from its own configuration; nothing was changed",
+            "the running image to be present", f"roll back by hand: recreate {name} from {previous}",
         ) from None
-    attrs = container.attrs
-    image_env = set(client.images.get(state.image).attrs["Config"].get("Env") or [])
-    env = [e for e in (attrs["Config"].get("Env") or []) if e not in image_env]
-    labels = dict(attrs["Config"].get("Labels") or {})
-    labels[PREVIOUS_IMAGE_LABEL] = state.image
-    host_config = attrs["HostConfig"]
-    get_run_logger().info("Rolling %s back from %s to %s", name, state.image, previous)
-    container.remove(force=True)
+    pinned = pinned_reference(image, previous)
+    body, more_networks = recreate_spec(attrs, running_image, pinned, {PREVIOUS_IMAGE_LABEL: state.image})
+    parked = f"{name}{PARKED_INFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    pin = f"{previous} pinned as {pinned}" + ("" if pinned == image.id else f" (image ID {image.id})")
+    logger = get_run_logger()
+    logger.info("Rolling %s back from %s (%s) to %s; the old container is parked as %s until the new "
+                "one is healthy", name, state.image, attrs["Image"], pin, parked)
     try:
-        new = client.containers.run(
-            previous,
-            name=name,
-            detach=True,
-            environment=env,
-            labels=labels,
-            network_mode=host_config.get("NetworkMode") or None,
-            volumes=host_config.get("Binds") or None,
-            restart_policy=host_config.get("RestartPolicy") or None,
-        )
-    except docker.errors.APIError as exc:
+        container.rename(parked)
+    except ENGINE_ERRORS as exc:
         raise ActionFailedError(
-            name, f"could not start {previous}: {exc.explanation or exc}",
-            "the previous image to start", f"start it by hand: docker run --name {name} {previous}",
+            name, f"could not rename the container to {parked} ({_why(exc)}); nothing was changed",
+            "the old container to be set aside", "check the engine (`docker ps -a`) and rerun the runbook",
         ) from None
+
+    swap = _Swap(client, target, name, container, state.image, parked, image.id, pin, state.running,
+                 health_deadline_s, probe_interval_s)
+    new: Container | None = None
+    try:
+        container.stop(timeout=stop_timeout_s)
+        new = client.containers.get(client.api.create_container_from_config(body, name=name)["Id"])
+        for network, endpoint in more_networks.items():
+            _connect(client, new.id, network, endpoint)
+        new.start()
+        health = _wait_healthy(new, target.service.health_url, healthy_probes, health_deadline_s, probe_interval_s)
+    except Exception as exc:  # undone first, then raised with what happened
+        raise swap.undo(_why(exc), new) from exc
+    if not health.healthy:
+        raise swap.undo(f"{name} from {pin} did not become healthy: {health.describe()}; "
+                        f"its last log lines: {_log_tail(new)}", new, unhealthy=True)
+
+    try:
+        container.remove(force=True)  # its anonymous volumes stay: the new container mounts them
+        old = f"the old container {parked} removed"
+    except ENGINE_ERRORS as exc:
+        logger.warning("Rolled back, but the old container %s could not be removed: %s", parked, _why(exc))
+        old = f"the old container {parked} could NOT be removed ({_why(exc)}): remove it by hand"
     return ActionResult(action="rollback_container", target=name, changed=True,
-                        detail=f"recreated from {previous} (was {state.image}); "
-                               f"now {_state_of(new).describe()}")
+                        detail=f"recreated with its whole configuration from {pin} (was {state.image}, "
+                               f"{attrs['Image']}); {health.describe()}; {old}")
