@@ -115,7 +115,17 @@ def prefect_cli(args: list[str], env: dict[str, str]) -> str:
 
 
 def deploy_all(env: dict[str, str]) -> None:
-    """Create the work pool and register every deployment of prefect.yaml."""
+    """Create the work pool and register every deployment of prefect.yaml.
+
+    The deployment triggers (the automation dispatch path) are created enabled only when the
+    gateway's dispatch mode, ``RUNBOOKS_GATEWAY_DISPATCH`` in ``env``, is ``automation``;
+    otherwise disabled, so that emitting a Prefect event cannot start a remediation.
+    """
+    dispatch = env.get("RUNBOOKS_GATEWAY_DISPATCH") or "runner"
+    if dispatch not in ("runner", "automation", "shadow"):
+        raise StackError(f"RUNBOOKS_GATEWAY_DISPATCH={dispatch!r} is not a dispatch mode; "
+                         "set it to runner, automation or shadow (README, 'Alerts start remediations')")
+    env = {**env, "RUNBOOKS_DISPATCH_TRIGGERS_ENABLED": "true" if dispatch == "automation" else "false"}
     prefect_cli(["work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env)
     prefect_cli(["--no-prompt", "deploy", "--all"], env)
 
@@ -125,11 +135,44 @@ def start_worker(env: dict[str, str], state: Path) -> int:
                                      "--pool", WORK_POOL, "--type", "process"], env, state)
 
 
-def start_gateway(env: dict[str, str], state: Path, lab) -> int:
-    """The alert gateway on the lab's gateway port, with the token Alertmanager presents."""
+def gateway_secrets(state: Path, lab) -> tuple[dict[str, str], bool]:
+    """A secret for every source, kept in ``<state>/gateway/local.json`` (0600): the ones of
+    the previous ``make up``, new ones where missing; Alertmanager's bearer token is the token
+    the lab's Alertmanager presents. Returns them and whether they changed."""
+    from gateway.local import LocalGateway, load_local, local_state_path, save_local, stack_secrets
+    from lab.context import new_secret
+
+    path = local_state_path(state)
+    previous = load_local(path)
     token = lab.info.alertmanager_token_file.read_text().strip()
-    return spawn_gateway(env, state, lab.info.gateway_port,
-                         {"RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token})
+    secrets = stack_secrets(previous.env if previous else None, token, new=lambda: new_secret(32))
+    changed = previous is None or previous.env != secrets
+    save_local(path, LocalGateway(url=lab.info.gateway_url, pid=previous.pid if previous else None,
+                                  env=secrets))
+    return secrets, changed
+
+
+def gateway_verifies_all(url: str) -> bool:
+    """Does the gateway at ``url`` answer and verify every source (else it predates the secrets)?"""
+    try:
+        resp = httpx.get(f"{url}/healthz", timeout=3.0)
+        return resp.status_code == 200 and all(resp.json().get("verification", {}).values())
+    except (httpx.TransportError, ValueError):
+        return False
+
+
+def start_gateway(env: dict[str, str], state: Path, lab) -> int:
+    """The alert gateway on the lab's gateway port, verifying every source with the secrets
+    of ``<state>/gateway/local.json`` (where send-test finds it)."""
+    from gateway.local import load_local, local_state_path, save_local
+
+    secrets, _ = gateway_secrets(state, lab)
+    pid = spawn_gateway(env, state, lab.info.gateway_port, secrets)
+    path = local_state_path(state)
+    recorded = load_local(path)
+    if recorded is not None:
+        save_local(path, recorded.model_copy(update={"pid": pid}))
+    return pid
 
 
 def spawn_gateway(env: dict[str, str], state: Path, port: int, settings: dict[str, str],
@@ -168,6 +211,8 @@ def up() -> None:
           "exporters, Prometheus and Alertmanager ...", flush=True)
     lab = Lab(settings.lab_dir, alerting=True)
     lab.up()
+    for line in lab.repaired + lab.left_down:  # up never repairs a target silently
+        print(f"lab: {line}", flush=True)
     home = state / "prefect"
     api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
     server = _pid(state, "prefect-server")
@@ -184,6 +229,12 @@ def up() -> None:
     if not (worker and _alive(worker)):
         worker = start_worker(env, state)
     gateway = _pid(state, "alert-gateway")
+    if gateway and _alive(gateway):
+        _, changed = gateway_secrets(state, lab)
+        if changed or not gateway_verifies_all(lab.info.gateway_url):
+            print("alert gateway: restarting it with a secret for every source ...", flush=True)
+            stop_pid(gateway)
+            gateway = None
     if not (gateway and _alive(gateway)):
         gateway = start_gateway(env, state, lab)
     info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url, "gateway": lab.info.gateway_url,
@@ -194,7 +245,9 @@ Up.
   Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full)
   Prefect API    {api_url}
   inventory      {settings.inventory_path}
-  alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager)
+  alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager;
+                 every source's secret in {state / 'gateway' / 'local.json'}; try
+                 `.venv/bin/python -m gateway send-test alertmanager`)
   Prometheus     {lab.info.prometheus_url}   Alertmanager {lab.info.alertmanager_url}
   target health  {lab.info.health_url}
   logs           {state / 'logs'} and {settings.lab_dir / 'logs'}

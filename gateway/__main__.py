@@ -5,16 +5,19 @@
                                                   source must be (default body: a ServiceDown alert)
     python -m gateway recent [-n 20]              the latest alerts and what each started
 
-Secrets come from the same RUNBOOKS_GATEWAY_* settings the gateway uses.
+send-test finds the gateway ``make up`` started, and its secrets, in the state dir
+(``<state dir>/gateway/local.json``); with ``--url`` it posts there, signing with the
+RUNBOOKS_GATEWAY_* settings (or the recorded secrets, if the URL is the recorded one).
 """
 
 from __future__ import annotations
 
-from pydantic import SecretStr
-
 import argparse
+import base64
 import json
+import logging
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr, ValidationError
 
+from gateway.errors import GatewayConfigError
+from gateway.local import load_local, local_state_path
 from gateway.models import SOURCES
 from gateway.settings import GatewaySettings
-from gateway.signatures import hmac_sha256_hex
+from gateway.signatures import GRAFANA_TIMESTAMP, SENTRY_TIMESTAMP, hmac_sha256_hex
+
+log = logging.getLogger("gateway")
 
 
 def build_app(settings: GatewaySettings):
@@ -34,10 +42,18 @@ def build_app(settings: GatewaySettings):
     from gateway.routing import Router
     from gateway.store import AlertStore
 
-    store = AlertStore(settings.store_path)
+    settings.check_can_start()  # before anything is created
+    unverified = settings.unverified_sources()
+    if unverified:
+        log.warning("accepting alerts WITHOUT verification from %s (RUNBOOKS_GATEWAY_INSECURE_SOURCES, "
+                    "loopback only); set their secrets before exposing the gateway", ", ".join(unverified))
+    store = AlertStore(settings.store_path, retention_days=settings.retention_days)
     dispatcher = Dispatcher(store, mode=settings.dispatch, max_parallel=settings.max_parallel_runs)
     app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher))
     app.router.on_startup.append(lambda: _recover_in_background(dispatcher))
+    if settings.sweep_interval_s:
+        stop_sweeping = _sweep_in_background(settings.sweep_interval_s)
+        app.router.on_shutdown.append(stop_sweeping)
     app.router.on_shutdown.append(dispatcher.shutdown)
     app.router.on_shutdown.append(store.close)
     return app
@@ -57,6 +73,27 @@ def _recover_in_background(dispatcher) -> None:
                 "the gateway once the Prefect API is reachable")
 
     threading.Thread(target=recover, name="recover-incidents", daemon=True).start()
+
+
+def _sweep_in_background(interval_s: float):
+    """Every ``interval_s``: close the records of runs whose process died (a worker killed
+    with its runs, a lost machine). Returns the function that stops it."""
+    import threading
+
+    from incident.settings import get_settings
+    from incident.sweeper import sweep_abandoned_runs
+
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.wait(interval_s):
+            try:
+                sweep_abandoned_runs(get_settings().stale_run_after_s)
+            except Exception:
+                log.exception("the sweep for dead runs failed; it runs again in %s s", interval_s)
+
+    threading.Thread(target=sweep, name="sweep-dead-runs", daemon=True).start()
+    return stop.set
 
 
 @contextmanager
@@ -92,8 +129,11 @@ def serving(settings: GatewaySettings) -> Iterator[str]:
 def serve(settings: GatewaySettings) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=False)
+    try:
+        app = build_app(settings)
+    except GatewayConfigError as exc:
+        sys.exit(f"error: {exc}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
 
 
 def service_down_alert(service: str = "web", status: str = "firing") -> dict:
@@ -111,9 +151,12 @@ def service_down_alert(service: str = "web", status: str = "firing") -> dict:
     }
 
 
-def signed_headers(source: str, body: bytes, settings: GatewaySettings) -> dict[str, str]:
-    """The headers a real sender of ``source`` adds, computed with our configured secrets."""
+def signed_headers(source: str, body: bytes, settings: GatewaySettings,
+                   now: float | None = None) -> dict[str, str]:
+    """The headers a real sender of ``source`` adds, computed with our configured secrets
+    (signature timestamps: ``now``, default the current time)."""
     headers = {"Content-Type": "application/json"}
+    stamp = str(int(time.time() if now is None else now))
 
     def secret(value: SecretStr | None) -> str:
         return value.get_secret_value() if value else ""
@@ -121,12 +164,15 @@ def signed_headers(source: str, body: bytes, settings: GatewaySettings) -> dict[
     if source == "alertmanager" and settings.alertmanager_bearer_token:
         headers["Authorization"] = f"Bearer {secret(settings.alertmanager_bearer_token)}"
     elif source == "alertmanager" and settings.alertmanager_basic_password:
-        headers["Authorization"] = "Basic " + __import__("base64").b64encode(
+        headers["Authorization"] = "Basic " + base64.b64encode(
             f"{settings.alertmanager_basic_username}:{secret(settings.alertmanager_basic_password)}"
             .encode()).decode()
     elif source == "grafana" and settings.grafana_secret:
-        headers["X-Grafana-Alerting-Signature"] = hmac_sha256_hex(settings.grafana_secret, body)
+        headers[GRAFANA_TIMESTAMP] = stamp
+        headers["X-Grafana-Alerting-Signature"] = hmac_sha256_hex(
+            settings.grafana_secret, f"{stamp}:".encode() + body)
     elif source == "sentry" and settings.sentry_client_secret:
+        headers[SENTRY_TIMESTAMP] = stamp
         headers["Sentry-Hook-Signature"] = hmac_sha256_hex(settings.sentry_client_secret, body)
     elif source == "pagerduty":
         headers["X-Webhook-Id"] = str(uuid.uuid4())
@@ -141,16 +187,51 @@ def signed_headers(source: str, body: bytes, settings: GatewaySettings) -> dict[
     return headers
 
 
-def send_test(settings: GatewaySettings, source: str, file: Path | None, url: str | None) -> int:
+def find_gateway(settings: GatewaySettings, url: str | None,
+                 state: Path | None = None) -> tuple[str, GatewaySettings]:
+    """The gateway to send to and the settings to sign with; exits with what to do if none runs.
+
+    ``url`` given: that gateway, signed with the recorded secrets when it is the recorded
+    gateway, else with ``settings``. Otherwise the gateway ``make up`` recorded in the state dir.
+    """
+    path = state or local_state_path()
+    local = load_local(path)
+    if url:
+        if local is not None and local.url.rstrip("/") == url.rstrip("/"):
+            return url, local.settings()
+        return url, settings
+    if local is None:
+        sys.exit(f"no running gateway found: {path} does not exist (it is written by `make up`). "
+                 "Start the stack with `make up`, or pass --url http://HOST:PORT with the "
+                 "gateway's RUNBOOKS_GATEWAY_* secrets in the environment")
+    try:
+        alive = httpx.get(f"{local.url}/healthz", timeout=3.0).status_code == 200
+    except httpx.TransportError:
+        alive = False
+    if not alive:
+        sys.exit(f"the gateway recorded in {path} ({local.url}) does not answer: start it with "
+                 "`make up` (`make status` shows what runs), or pass --url to send elsewhere")
+    return local.url, local.settings()
+
+
+def send_test(settings: GatewaySettings, source: str, file: Path | None, url: str | None,
+              state: Path | None = None) -> int:
     if file is None and source != "alertmanager":
         sys.exit(f"send-test {source} needs a FILE with a {source} webhook body "
                  "(examples: ../shared/payloads/)")
     body = file.read_bytes() if file else json.dumps(service_down_alert()).encode()
-    base = url or f"http://{settings.host}:{settings.port}"
-    resp = httpx.post(f"{base}/alerts/{source}", content=body,
-                      headers=signed_headers(source, body, settings), timeout=10.0)
+    base, signing = find_gateway(settings, url, state)
+    try:
+        resp = httpx.post(f"{base}/alerts/{source}", content=body,
+                          headers=signed_headers(source, body, signing), timeout=10.0)
+    except httpx.TransportError as exc:
+        sys.exit(f"could not reach the gateway at {base} ({type(exc).__name__}: {exc}); check that it "
+                 "runs (`make status`) and the URL")
     print(f"{resp.status_code} {resp.reason_phrase}")
-    print(json.dumps(resp.json(), indent=2))
+    try:
+        print(json.dumps(resp.json(), indent=2))
+    except ValueError:
+        print(resp.text)
     return 0 if resp.status_code == 202 else 1
 
 
@@ -159,7 +240,7 @@ def recent(settings: GatewaySettings, n: int) -> int:
 
     if not settings.store_path.exists():
         sys.exit(f"no intake database at {settings.store_path}: has the gateway received anything?")
-    rows = AlertStore(settings.store_path).recent_alerts(n)
+    rows = AlertStore(settings.store_path, retention_days=settings.retention_days).recent_alerts(n)
     print(f"{'received (UTC)':19}  {'source':12} {'status':8} {'disposition':16} {'incident':20} "
           f"{'outcome':22} summary / reason")
     for r in rows:
@@ -181,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("recent", help="list recent alerts and what each started")
     p.add_argument("-n", type=int, default=20)
     args = parser.parse_args(argv)
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"error: invalid gateway settings: {problems}")
     if args.cmd == "serve":
         serve(settings)
         return 0

@@ -1,17 +1,25 @@
 """The gateway's HTTP surface: one POST endpoint per source, GET /healthz, OpenAPI.
 
+The app refuses to be built with a source that is not verified unless the settings allow
+it (:meth:`gateway.settings.GatewaySettings.check_can_start`).
+
 Request pipeline (each step answers with a JSON ``{"error": ..., "detail": ...}``):
 
 1. size: ``Content-Length`` above ``max_body_bytes`` -> 413 before reading; the body is
    read in chunks and counted too (chunked uploads) -> 413;
-2. authentication on the raw bytes (:mod:`gateway.signatures`) -> 401;
-3. content type: a declared non-JSON type -> 415 (absent is accepted as JSON);
-4. parsing (:mod:`gateway.sources`) -> 422 with the offending field; a well-formed
-   delivery without alert state change -> 202 with ``ignored``;
+2. content type: JSON is required - ``application/json`` or an ``application/*+json``
+   type such as ``application/cloudevents+json`` - and a missing one is refused too (415):
+   a browser page can only POST a CORS-safelisted type (text/plain, forms) without a
+   preflight, so it can never get a JSON request through; a charset other than UTF-8 -> 415;
+3. authentication on the raw bytes (:mod:`gateway.signatures`) -> 401;
+4. parsing (:mod:`gateway.sources`), in a worker thread so that a large body never stalls
+   the event loop: not UTF-8 text (UTF-16 ...) -> 415; malformed -> 422 with the offending
+   field; a well-formed delivery without alert state change -> 202 with ``ignored``;
+   more than ``max_alerts_per_delivery`` alerts -> 413;
 5. ``intake.accept(alerts, delivery)`` -> 202 with a summary. An intake failure is
    503, so that senders that retry on 5xx (Alertmanager, Grafana) deliver again.
 
-Bad input never yields a 5xx: parser failures of any kind are 422.
+Bad input never yields a 5xx: parser failures of any kind are 4xx.
 """
 
 from __future__ import annotations
@@ -25,20 +33,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from gateway.errors import AuthError, NotAnAlert, PayloadError
+from gateway.errors import AuthError, NotAnAlert, NotUtf8Error, PayloadError
 from gateway.models import SOURCES, Alert, Delivery
 from gateway.settings import GatewaySettings
 from gateway.signatures import authenticate
-from gateway.sources import PARSERS
+from gateway.sources import PARSERS, Parser
 
 log = logging.getLogger("gateway")
 
 DELIVERY_ID_HEADERS = ("X-Webhook-Id", "Request-ID", "X-Request-ID")
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong credentials/signature."},
-    413: {"description": "Body larger than max_body_bytes."},
-    415: {"description": "Content type is not JSON."},
+    413: {"description": "Body larger than max_body_bytes, or more alerts than max_alerts_per_delivery."},
+    415: {"description": "Content type missing or not JSON, or the body is not UTF-8."},
     422: {"description": "Malformed payload; detail names the field."},
     503: {"description": "Intake unavailable; retry."},
 }
@@ -52,7 +61,12 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: GatewaySettings, intake: Intake) -> FastAPI:
+def create_app(settings: GatewaySettings, intake: Intake,
+               parsers: Mapping[str, Parser] | None = None) -> FastAPI:
+    """The gateway's app. Raises GatewayConfigError when a source would go unverified
+    without being allowed to (see the settings). ``parsers``: default :data:`PARSERS`."""
+    settings.check_can_start()
+    parsers = PARSERS if parsers is None else parsers
     app = FastAPI(title="Incident runbooks alert gateway", version="1",
                   description="Receives alerts, verifies and normalises them, hands them to "
                               "the intake that starts runbooks.")
@@ -70,7 +84,7 @@ def create_app(settings: GatewaySettings, intake: Intake) -> FastAPI:
 
     for source in SOURCES:
         app.add_api_route(
-            f"/alerts/{source}", _endpoint(source, settings, intake), methods=["POST"],
+            f"/alerts/{source}", _endpoint(source, settings, intake, parsers[source]), methods=["POST"],
             status_code=202, name=f"receive_{source}", summary=f"Receive {source} alerts",
             responses=_ERROR_RESPONSES,
             openapi_extra={"requestBody": {"required": True, "content": {
@@ -79,30 +93,30 @@ def create_app(settings: GatewaySettings, intake: Intake) -> FastAPI:
     return app
 
 
-def _endpoint(source: str, settings: GatewaySettings, intake: Intake):
-    parse = PARSERS[source]
-
+def _endpoint(source: str, settings: GatewaySettings, intake: Intake, parse: Parser):
     async def receive(request: Request) -> JSONResponse:
         received_at = datetime.now(UTC)
         headers = request.headers
-        declared = headers.get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > settings.max_body_bytes:
-            return _too_large(settings)
+        declared = (headers.get("content-length") or "").strip()
+        if declared.isascii() and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            return _too_large(settings)  # ("²".isdigit() is True: only ASCII digits count)
         try:
             body = await _read_capped(request, settings.max_body_bytes)
         except _BodyTooLarge:
             return _too_large(settings)
+        if (problem := _content_type_problem(headers.get("content-type"))) is not None:
+            return _error(415, "unsupported media type", problem)
         try:
             authenticate(source, body, headers, settings)
         except AuthError as exc:
             return _error(401, "unauthorized", str(exc))
-        if (problem := _content_type_problem(headers.get("content-type"))) is not None:
-            return _error(415, "unsupported media type", problem)
         try:
-            alerts = parse(body, headers)
+            alerts = await run_in_threadpool(parse, body, headers)
         except NotAnAlert as exc:
             return JSONResponse(status_code=202, content={
                 "source": source, "alerts": 0, "ignored": str(exc)})
+        except NotUtf8Error as exc:
+            return _error(415, "unsupported media type", str(exc))
         except PayloadError as exc:
             return _error(422, f"malformed {source} payload", str(exc))
         except ValidationError as exc:
@@ -111,6 +125,12 @@ def _endpoint(source: str, settings: GatewaySettings, intake: Intake):
             log.exception("unexpected parser failure for %s payload", source)
             return _error(422, f"malformed {source} payload",
                           f"could not parse ({type(exc).__name__}: {exc})")
+        if len(alerts) > settings.max_alerts_per_delivery:
+            return _error(413, "too many alerts",
+                          f"the delivery carries {len(alerts)} alerts, more than "
+                          f"{settings.max_alerts_per_delivery} (RUNBOOKS_GATEWAY_MAX_ALERTS_PER_DELIVERY); "
+                          "none were accepted - send them in smaller deliveries (Alertmanager: "
+                          "max_alerts in webhook_config, or finer group_by)")
         delivery = Delivery(
             source=source,  # type: ignore[arg-type]
             delivery_id=_delivery_id(headers),
@@ -152,11 +172,18 @@ async def _read_capped(request: Request, limit: int) -> bytes:
 
 def _content_type_problem(content_type: str | None) -> str | None:
     if content_type is None or not content_type.strip():
-        return None
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
-        return None
-    return f"content type {media!r} is not JSON; send application/json"
+        return ("no Content-Type; send the body as application/json (CloudEvents: "
+                "application/cloudevents+json or application/cloudevents-batch+json)")
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        return f"content type {media!r} is not JSON; send application/json"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return f"charset {charset!r} is not supported; send the JSON as UTF-8 (charset=utf-8)"
+    return None
 
 
 def _delivery_id(headers: Mapping[str, str]) -> str | None:

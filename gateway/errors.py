@@ -22,6 +22,11 @@ class PayloadError(GatewayError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class NotUtf8Error(PayloadError):
+    """The body is not UTF-8 text (UTF-16, UTF-32, Latin-1 ...): JSON on the wire is UTF-8
+    (RFC 8259 section 8.1). The app answers 415."""
+
+
 class NotAnAlert(GatewayError):
     """A well-formed, authentic webhook that carries no alert state change.
 
@@ -32,3 +37,7 @@ class NotAnAlert(GatewayError):
 
 class RoutesFileError(GatewayError):
     """routes.yaml is missing or invalid; a human must fix the file."""
+
+
+class GatewayConfigError(GatewayError):
+    """The gateway's settings are unsafe or inconsistent; it refuses to start until they are fixed."""

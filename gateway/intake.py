@@ -20,6 +20,7 @@ incident is already open for an alert, nor stand a paused run down when it resol
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,21 +34,33 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events import emit_event
-from prefect.exceptions import PrefectHTTPStatusError
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.flow_engine import run_flow
 from prefect.flow_runs import resume_flow_run
 from prefect.flows import Flow, load_flow_from_entrypoint
+from prefect.input import keyset_from_paused_state
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Crashed, Pending, State
 
 from gateway.models import Alert, Delivery
 from gateway.routing import Router
 from gateway.store import AlertStore, TrackedIncident, IntakeResult
-from incident.escalation import EscalationNotice, send_escalation
+from incident.errors import RunbookError
+from incident.escalation import EscalationNotice
+from incident.inventory import load_target
+from incident.kit import close_run_from_outside
 from incident.record import Trigger, add_alert_update
 from incident.settings import REPO_ROOT
 
 log = logging.getLogger("gateway.intake")
+
+
+def _environment_of(target: str) -> str:
+    """The target's inventory environment, or "unknown" when it is not in the inventory."""
+    try:
+        return load_target(target).service.environment
+    except RunbookError:
+        return "unknown"
 
 DISPATCH_EVENT = "runbooks.incident.dispatch"
 CREATE_RUN_PATIENCE_S = 300.0
@@ -225,10 +238,14 @@ class Dispatcher:
                "deployment again by hand if it still needs fixing")
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(str(inc.flow_run_id), Crashed(message=why), force=True)
+        # The run's own record is closed (what it changed and what not) and escalated with the
+        # schema every escalation uses; a run that died before opening its record is escalated
+        # with what the gateway knows.
+        close_run_from_outside(UUID(str(inc.flow_run_id)), why, fallback=EscalationNotice(
+            incident_id=inc.incident_id, scenario=inc.scenario.split("/")[0], target=inc.target,
+            environment=_environment_of(inc.target), severity=inc.severity, reason=why,
+            flow_run_id=inc.flow_run_id or "", outcome="failed"))
         self.store.close_incident(inc.incident_id, "Crashed (gateway restarted)")
-        send_escalation(EscalationNotice(incident_id=inc.incident_id, scenario=inc.scenario,
-                                         target=inc.target, severity=inc.severity, reason=why,
-                                         flow_run_id=inc.flow_run_id or ""))
 
     def _deployment(self, name: str):
         if name not in self._deployments:
@@ -250,13 +267,21 @@ class Dispatcher:
             return
         if self.mode == "automation":
             self.store.close_incident(inc.incident_id, "alert resolved")
+        self._stand_down(run_id, alert.source)
+
+    def _stand_down(self, run_id, source: str) -> None:
+        """A run paused for an approval ends Resolved Without Action: the gateway answers the
+        approval form with ``stand-down``, signed as itself (never as a human)."""
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(run_id).state
-        if state and state.is_paused():
-            resume_flow_run(run_id, run_input={
-                "decision": "stand-down",
-                "reason": f"alert resolved ({alert.source}) while waiting for approval: "
-                          "resolved without action"})
+            if not (state and state.is_paused()):
+                return
+            keyset = state.state_details.run_input_keyset or keyset_from_paused_state(state)
+            fields = _form_fields(client, run_id, keyset["schema"])
+        answer = stand_down_input(source)
+        if fields is not None:  # only what this run's form declares (a form without approver)
+            answer = {k: v for k, v in answer.items() if k in fields}
+        resume_flow_run(run_id, run_input=answer)
 
     def _flow_run_of(self, inc: TrackedIncident, wait_s: float = 30.0):
         """The incident's flow run: from the store, or by its incident tag (automation mode)."""
@@ -278,6 +303,29 @@ class Dispatcher:
             time.sleep(0.5)
 
 
+def stand_down_input(source: str) -> dict[str, str]:
+    """The approval form's answer when ``source`` reports the alert resolved."""
+    return {"decision": "stand-down", "approver": f"alert-gateway ({source} resolved)",
+            "reason": f"alert resolved ({source}) while waiting for approval: resolved without action"}
+
+
+def _form_fields(client, run_id, schema_key: str, wait_s: float = 15.0) -> set[str] | None:
+    """The fields of the paused run's input form; the flow saves its schema just after it
+    pauses, so it may take a moment to appear. None if it never does (then the server
+    refuses any answer, and the error says so)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            schema = json.loads(client.read_flow_run_input(run_id, schema_key))
+            return set(schema.get("properties", {}))
+        except (ObjectNotFound, PrefectHTTPStatusError) as exc:
+            if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code != 404:
+                raise
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+
+
 class AlertIntake:
     """The gateway's intake: one store transaction per delivery, then dispatch."""
 
@@ -286,9 +334,12 @@ class AlertIntake:
         self.router = router
         self.dispatcher = dispatcher
 
+    def _record(self, alerts: list[Alert], delivery: Delivery) -> list[IntakeResult]:
+        """Off the event loop: routing reads the inventory, the store writes SQLite."""
+        return self.store.record_delivery(delivery, alerts, self.router.route_all(alerts))
+
     async def accept(self, alerts: list[Alert], delivery: Delivery) -> dict[str, Any]:
-        routes = self.router.route_all(alerts)
-        outcomes = await anyio.to_thread.run_sync(self.store.record_delivery, delivery, alerts, routes)
+        outcomes = await anyio.to_thread.run_sync(self._record, alerts, delivery)
         for outcome in outcomes:
             self.dispatcher.handle(outcome)
         return {

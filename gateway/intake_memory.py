@@ -11,8 +11,8 @@ from gateway.routing import RouteDecision, Router
 class RecordingIntake:
     """Keeps everything it is given.
 
-    Dedup rule: an alert whose ``dedup_key`` (episode key + state) was already accepted
-    is a duplicate (a redelivery); a state change of the same episode is new.
+    Dedup rule: an alert whose source and ``dedup_key`` (episode key + state) were already
+    accepted is a duplicate (a redelivery); a state change of the same episode is new.
     """
 
     def __init__(self, router: Router | None = None) -> None:
@@ -27,10 +27,11 @@ class RecordingIntake:
         self.deliveries.append((delivery, list(alerts)))
         new: list[Alert] = []
         for alert in alerts:
-            if alert.dedup_key in self._seen:
+            key = f"{alert.source}|{alert.dedup_key}"
+            if key in self._seen:
                 self.duplicates.append(alert)
             else:
-                self._seen.add(alert.dedup_key)
+                self._seen.add(key)
                 new.append(alert)
         self.accepted.extend(new)
         result: dict[str, Any] = {"accepted": len(new), "duplicates": len(alerts) - len(new)}

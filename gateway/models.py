@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from incident.inventory import Severity
 
@@ -22,6 +22,9 @@ Source = Literal["alertmanager", "grafana", "sentry", "pagerduty", "opsgenie", "
 SOURCES: tuple[str, ...] = ("alertmanager", "grafana", "sentry", "pagerduty", "opsgenie", "cloudevents")
 Status = Literal["firing", "resolved"]
 FingerprintOrigin = Literal["source", "computed"]
+
+NO_LABELS = ("the alert has no labels (or only empty ones): it cannot be identified or routed; "
+             "give the sender's alert rule labels, at least alertname")
 
 __all__ = ["Alert", "Delivery", "FingerprintOrigin", "Severity", "Source", "SOURCES", "Status"]
 
@@ -76,6 +79,12 @@ class Alert(BaseModel):
         description="Source-specific values kept exactly as parsed (integers stay integers, "
         "e.g. Opsgenie's nanosecond timestamps > 2**53).",
     )
+
+    @model_validator(mode="after")
+    def _has_labels(self) -> "Alert":
+        if not any(self.labels.values()):
+            raise ValueError(NO_LABELS)
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property

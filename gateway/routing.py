@@ -3,11 +3,18 @@
 First matching rule wins. Every alert gets a :class:`RouteDecision`; an alert no rule
 matches, or whose target cannot be filled in, has ``routed=False`` and a reason.
 The file format is documented at the top of routes.yaml.
+
+Targets are checked at the door, because they come from the alert (a label is whatever
+the sender put there): the rendered target must be a plain service name, accepted by the
+rule (its ``sources`` and ``targets``, when listed) and a service of the inventory
+(``RUNBOOKS_INVENTORY``). Otherwise the alert is unrouted with the reason and no run starts.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,10 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.errors import RoutesFileError
 from gateway.models import Alert, Severity, Source
+from incident.errors import ConfigurationError
+from incident.inventory import Inventory, load_inventory
 
 REGEX_PREFIX = "=~"
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _FIELDS = ("service", "source", "fingerprint")
+#: what a rendered target may look like: a service name, never shell, paths or spaces
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Strict(BaseModel):
@@ -51,6 +62,12 @@ class Route(_Strict):
     target: str = Field(min_length=1)
     target_default: str | None = None
     severity: Severity | None = None
+    sources: list[Source] | None = Field(
+        default=None, description="Sources this rule accepts alerts from; another source that "
+        "matches is unrouted (with the reason), not passed to a later rule. Omitted: any.")
+    targets: list[str] | None = Field(
+        default=None, description="Targets this rule may start its scenario on: names, or "
+        "'=~<regex>' (whole name). Omitted: any service of the inventory.")
 
     @field_validator("target")
     @classmethod
@@ -60,6 +77,26 @@ class Route(_Strict):
                 raise ValueError(f"unknown placeholder {{{ref}}}; use {{labels.NAME}}, "
                                  "{annotations.NAME}, {service}, {source} or {fingerprint}")
         return target
+
+    @field_validator("target_default")
+    @classmethod
+    def _default_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not TARGET_NAME.fullmatch(value):
+            raise ValueError(f"target_default {value!r} is not a service name")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_valid(cls, targets: list[str] | None) -> list[str] | None:
+        for entry in targets or []:
+            if entry.startswith(REGEX_PREFIX):
+                try:
+                    re.compile(entry[len(REGEX_PREFIX):])
+                except re.error as exc:
+                    raise ValueError(f"targets: invalid regex {entry!r}: {exc}") from exc
+            elif not TARGET_NAME.fullmatch(entry):
+                raise ValueError(f"targets: {entry!r} is not a service name")
+        return targets
 
 
 class RoutesFile(_Strict):
@@ -82,18 +119,54 @@ class RouteDecision(_Strict):
     dedup_key: str
 
 
+class InventoryTargets:
+    """The services of the inventory file, re-read when the file changes.
+
+    ``path=None``: the inventory of the settings (``RUNBOOKS_INVENTORY``), looked up at
+    each check, so that a gateway started before the lab wrote its inventory finds it.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._cached: tuple[Path, int, int, Inventory] | None = None
+
+    @property
+    def path(self) -> Path:
+        from incident.settings import get_settings
+
+        return self._path or get_settings().inventory_path
+
+    def inventory(self) -> Inventory:
+        """Raises ConfigurationError (missing or invalid file) with what to do."""
+        path = self.path
+        try:
+            st = os.stat(path)
+        except OSError:
+            return load_inventory(path)  # raises the inventory's own, explained error
+        with self._lock:
+            if self._cached and self._cached[:3] == (path, st.st_mtime_ns, st.st_size):
+                return self._cached[3]
+        inventory = load_inventory(path)
+        with self._lock:
+            self._cached = (path, st.st_mtime_ns, st.st_size, inventory)
+        return inventory
+
+
 class Router:
-    def __init__(self, routes: Iterable[Route]) -> None:
+    def __init__(self, routes: Iterable[Route], inventory: Path | InventoryTargets | None = None) -> None:
         self.routes = list(routes)
+        self.targets = inventory if isinstance(inventory, InventoryTargets) else InventoryTargets(inventory)
 
     @classmethod
-    def from_yaml(cls, text: str, origin: str = "<routes>") -> Router:
+    def from_yaml(cls, text: str, origin: str = "<routes>",
+                  inventory: Path | InventoryTargets | None = None) -> Router:
         try:
             doc: Any = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise RoutesFileError(f"{origin} is not valid YAML: {exc}") from exc
         try:
-            return cls(RoutesFile.model_validate(doc).routes)
+            return cls(RoutesFile.model_validate(doc).routes, inventory)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -101,14 +174,16 @@ class Router:
             raise RoutesFileError(f"{origin} is invalid: {problems}") from exc
 
     @classmethod
-    def from_file(cls, path: Path) -> Router:
+    def from_file(cls, path: Path, inventory: Path | InventoryTargets | None = None) -> Router:
+        """``inventory``: the inventory file targets are checked against (default: the
+        settings' ``RUNBOOKS_INVENTORY``, read when alerts arrive)."""
         try:
             text = path.read_text()
         except OSError as exc:
             raise RoutesFileError(
                 f"cannot read routes file {path} ({exc.strerror}); set "
                 "RUNBOOKS_GATEWAY_ROUTES_FILE or create it") from exc
-        return cls.from_yaml(text, str(path))
+        return cls.from_yaml(text, str(path), inventory)
 
     def route(self, alert: Alert) -> RouteDecision:
         for rule in self.routes:
@@ -122,6 +197,9 @@ class Router:
                                  reason=f"rule {rule.name!r} matched but the alert has no "
                                         f"{', '.join(missing)} for target {rule.target!r} and "
                                         "the rule has no target_default")
+            refused = self.refusal(rule, alert, target)
+            if refused:
+                return _decision(alert, routed=False, rule=rule, reason=refused)
             return _decision(alert, routed=True, rule=rule, target=target,
                              reason=f"matched rule {rule.name!r}")
         return _decision(alert, routed=False, rule=None,
@@ -131,6 +209,40 @@ class Router:
 
     def route_all(self, alerts: Iterable[Alert]) -> list[RouteDecision]:
         return [self.route(a) for a in alerts]
+
+    def refusal(self, rule: Route, alert: Alert, target: str) -> str | None:
+        """Why ``rule`` may not start its scenario on ``target`` for ``alert``; None if it may."""
+        shown = target if len(target) <= 80 else target[:77] + "..."
+        if rule.sources is not None and alert.source not in rule.sources:
+            return (f"rule {rule.name!r} does not accept alerts from {alert.source} (its sources: "
+                    f"{', '.join(rule.sources)}); no run started - add the source to the rule's "
+                    "sources in routes.yaml if it may start this runbook")
+        if not TARGET_NAME.fullmatch(target):
+            return (f"rule {rule.name!r} rendered the target {shown!r}, which is not a service "
+                    "name (letters, digits, '.', '_', '-'); no run started - check the alert's labels")
+        if rule.targets is not None and not any(_accepts(entry, target) for entry in rule.targets):
+            return (f"rule {rule.name!r} does not accept the target {shown!r} (its targets: "
+                    f"{', '.join(rule.targets)}); no run started - add it to the rule's targets in "
+                    "routes.yaml if this runbook may act on it")
+        try:
+            services = self.targets.inventory().services
+        except ConfigurationError as exc:
+            return (f"the inventory cannot be read, so the target {shown!r} cannot be checked: {exc}; "
+                    "no run started - fix the inventory (RUNBOOKS_INVENTORY)")
+        if target not in services:
+            names = sorted(services)
+            known = (", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+                     or "(none)")
+            return (f"the target {shown!r} (rule {rule.name!r}) is not a service of the inventory "
+                    f"{self.targets.path} (known: {known}); no run started - add the service to "
+                    "the inventory, or fix the alert's labels")
+        return None
+
+
+def _accepts(entry: str, target: str) -> bool:
+    if entry.startswith(REGEX_PREFIX):
+        return re.fullmatch(entry[len(REGEX_PREFIX):], target) is not None
+    return entry == target
 
 
 def matches(match: Match, alert: Alert) -> bool:

@@ -1,28 +1,71 @@
 """Gateway settings from the environment, prefix ``RUNBOOKS_GATEWAY_``.
 
-A secret left unset (None) turns verification off for that source: fine on
-loopback in the lab, never on a network. ``/healthz`` shows which sources verify.
+Fail closed: every source is verified (its secret set) unless it is listed in
+``RUNBOOKS_GATEWAY_INSECURE_SOURCES``, and the gateway never starts on a non-loopback
+address with an unverified source (:meth:`GatewaySettings.check_can_start`). A secret
+set to an empty string is a configuration error, not "verified". ``/healthz`` shows
+which sources verify.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.errors import GatewayConfigError
+from gateway.models import SOURCES
 from incident.settings import REPO_ROOT
 
 MIB = 1024 * 1024
+ENV_PREFIX = "RUNBOOKS_GATEWAY_"
+
+#: per source, the settings that turn its verification on (any one of them is enough)
+SECRET_SETTINGS: dict[str, tuple[str, ...]] = {
+    "alertmanager": ("alertmanager_bearer_token", "alertmanager_basic_password"),
+    "grafana": ("grafana_secret",),
+    "sentry": ("sentry_client_secret",),
+    "pagerduty": ("pagerduty_secret",),
+    "opsgenie": ("opsgenie_secret",),
+    "cloudevents": ("cloudevents_bearer_token",),
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: ``grafana_secret`` -> ``RUNBOOKS_GATEWAY_GRAFANA_SECRET``."""
+    return ENV_PREFIX + field.upper()
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost``; anything else (0.0.0.0, a name) counts as a network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = Field(default="127.0.0.1", description="Bind address.")
     port: int = Field(default=8787, ge=1, le=65535, description="Bind port.")
     max_body_bytes: int = Field(default=MIB, ge=1, description="Larger bodies get 413.")
+    max_alerts_per_delivery: int = Field(
+        default=500, ge=1, description="Deliveries carrying more alerts get 413.")
+    signature_max_age_s: int = Field(
+        default=300, ge=1, description="Signature timestamps (Grafana, Sentry) further than this "
+        "from the gateway's clock, in the past or the future, are rejected (401).")
+    retention_days: int = Field(
+        default=30, ge=1, description="Deliveries and alerts older than this are pruned from the "
+        "store; open incidents and the dedup keys still being redelivered are kept.")
+    sweep_interval_s: float = Field(
+        default=60, ge=0, description="How often the gateway looks for runs that died without "
+        "closing their incident record (incident/sweeper.py) and closes them; 0: never.")
     routes_file: Path = Field(default=REPO_ROOT / "routes.yaml", description="Alert routes.")
     store: Path | None = Field(
         default=None, description="Intake database (SQLite); default <state dir>/gateway/alerts.db.")
@@ -31,6 +74,9 @@ class GatewaySettings(BaseSettings):
         "(fast); automation: emit an event for the prefect.yaml deployment trigger; shadow: "
         "record and decide (incidents, dedup) but start nothing.")
     max_parallel_runs: int = Field(default=16, ge=1, description="Remediations run at once (runner).")
+    insecure_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma list of sources allowed to run without "
+        "verification (loopback only), e.g. 'grafana,sentry'. Every other source needs its secret.")
 
     alertmanager_bearer_token: SecretStr | None = Field(
         default=None, description="Alertmanager http_config.authorization credentials.")
@@ -47,9 +93,37 @@ class GatewaySettings(BaseSettings):
     opsgenie_secret: SecretStr | None = Field(
         default=None, description="Value of the custom header set in the Opsgenie webhook.")
     opsgenie_secret_header: str = Field(
-        default="X-Opsgenie-Secret", description="Name of that custom header.")
+        default="X-Opsgenie-Secret", min_length=1, description="Name of that custom header.")
     cloudevents_bearer_token: SecretStr | None = Field(
         default=None, description="Bearer token CloudEvents senders must present.")
+
+    @field_validator("insecure_sources", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("insecure_sources")
+    @classmethod
+    def _known_sources(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in SOURCES]
+        if unknown:
+            raise ValueError(f"unknown source(s) {', '.join(unknown)} in {env_name('insecure_sources')}; "
+                             f"use a comma list of {', '.join(SOURCES)}")
+        return value
+
+    @field_validator("alertmanager_bearer_token", "alertmanager_basic_password", "grafana_secret",
+                     "sentry_client_secret", "pagerduty_secret", "opsgenie_secret",
+                     "cloudevents_bearer_token")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None, info) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            name = env_name(info.field_name)
+            raise ValueError(f"{name} is set but empty: an empty secret verifies nothing. Set it to "
+                             f"the sender's secret, or unset it (loopback only: then list the source "
+                             f"in {env_name('insecure_sources')})")
+        return value
 
     @property
     def store_path(self) -> Path:
@@ -59,11 +133,31 @@ class GatewaySettings(BaseSettings):
 
     def verification_enabled(self) -> dict[str, bool]:
         """Per source: is the request authenticated? (Never the secrets themselves.)"""
-        return {
-            "alertmanager": bool(self.alertmanager_bearer_token or self.alertmanager_basic_password),
-            "grafana": self.grafana_secret is not None,
-            "sentry": self.sentry_client_secret is not None,
-            "pagerduty": self.pagerduty_secret is not None,
-            "opsgenie": self.opsgenie_secret is not None,
-            "cloudevents": self.cloudevents_bearer_token is not None,
-        }
+        return {source: any(getattr(self, f) is not None for f in fields)
+                for source, fields in SECRET_SETTINGS.items()}
+
+    def unverified_sources(self) -> list[str]:
+        return [source for source, verified in self.verification_enabled().items() if not verified]
+
+    def check_can_start(self) -> None:
+        """Refuse to serve with an unverified source, unless it is explicitly allowed on loopback.
+
+        Raises GatewayConfigError naming the sources and the variables to set.
+        """
+        unverified = self.unverified_sources()
+        if not unverified:
+            return
+        secrets = ", ".join(env_name(SECRET_SETTINGS[s][0]) for s in unverified)
+        if not is_loopback(self.host):
+            raise GatewayConfigError(
+                f"refusing to start: the gateway listens on {self.host} (not loopback) and these "
+                f"sources have no secret, so anyone who reaches it could start remediations: "
+                f"{', '.join(unverified)}. Set {secrets}; or bind {env_name('host')}=127.0.0.1 "
+                f"and list them in {env_name('insecure_sources')}")
+        not_allowed = [s for s in unverified if s not in self.insecure_sources]
+        if not_allowed:
+            raise GatewayConfigError(
+                f"refusing to start: no secret is set for {', '.join(not_allowed)}, so their alerts "
+                f"would not be verified. Set {', '.join(env_name(SECRET_SETTINGS[s][0]) for s in not_allowed)}; "
+                f"or, on loopback only, accept them unverified with "
+                f"{env_name('insecure_sources')}={','.join(self.insecure_sources + not_allowed)}")

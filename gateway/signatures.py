@@ -4,11 +4,16 @@ Every check raises :class:`gateway.errors.AuthError` naming what was missing or 
 never the secret or the expected value.
 
 * Grafana: ``X-Grafana-Alerting-Signature`` = hex HMAC-SHA256 of the body with the
-  contact point's secret; when ``X-Grafana-Alerting-Signature-Timestamp`` is sent, the
-  signed string is ``"<timestamp>:<body>"``.
+  contact point's secret; when ``X-Grafana-Alerting-Signature-Timestamp`` is sent (the
+  contact point's HMAC timestamp header, Unix seconds), the signed string is
+  ``"<timestamp>:<body>"`` and a timestamp further than ``signature_max_age_s`` from now
+  (past or future) is rejected as a replay.
 * Sentry: ``Sentry-Hook-Signature`` = hex HMAC-SHA256 of the raw body with the
   integration's client secret
-  (https://docs.sentry.io/integrations/integration-platform/webhooks/#sentry-hook-signature).
+  (https://docs.sentry.io/integrations/integration-platform/webhooks/#sentry-hook-signature);
+  ``Sentry-Hook-Timestamp`` (Unix seconds, sent with every webhook) must be within
+  ``signature_max_age_s`` of now. Sentry does not sign it, so it stops naive replays of a
+  captured request, not a forger who has the secret.
 * PagerDuty V3: ``X-PagerDuty-Signature: v1=<hex>[,v1=<hex>...]``, HMAC-SHA256 of the
   body; several signatures are sent while a secret is rotated, any match is enough
   (https://developer.pagerduty.com/docs/verifying-webhook-signatures).
@@ -24,6 +29,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import time
 from collections.abc import Mapping
 
 from pydantic import SecretStr
@@ -35,6 +41,8 @@ from gateway.sources._common import header
 GRAFANA_SIGNATURE = "X-Grafana-Alerting-Signature"
 GRAFANA_TIMESTAMP = "X-Grafana-Alerting-Signature-Timestamp"
 SENTRY_SIGNATURE = "Sentry-Hook-Signature"
+SENTRY_TIMESTAMP = "Sentry-Hook-Timestamp"
+DEFAULT_MAX_AGE_S = 300
 PAGERDUTY_SIGNATURE = "X-PagerDuty-Signature"
 
 
@@ -54,22 +62,42 @@ def _required(headers: Mapping[str, str], name: str, hint: str) -> str:
     return value.strip()
 
 
-def verify_grafana(body: bytes, headers: Mapping[str, str], secret: SecretStr) -> None:
+def check_fresh(name: str, value: str, max_age_s: int, now: float | None = None) -> None:
+    """A signature timestamp (Unix seconds) must be within ``max_age_s`` of now, either way."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 12):  # "²".isdigit() is True
+        raise AuthError(f"header {name} is not a Unix time in seconds; a replayed or altered "
+                        "delivery, or a sender that is not what it claims")
+    skew = (time.time() if now is None else now) - int(text)
+    if abs(skew) > max_age_s:
+        when = f"{int(skew)} s old" if skew > 0 else f"{int(-skew)} s in the future"
+        raise AuthError(f"header {name} is {when}, more than {max_age_s} s "
+                        "(RUNBOOKS_GATEWAY_SIGNATURE_MAX_AGE_S): a replayed or long-delayed "
+                        "delivery is refused; check the sender's and the gateway's clocks")
+
+
+def verify_grafana(body: bytes, headers: Mapping[str, str], secret: SecretStr,
+                   max_age_s: int = DEFAULT_MAX_AGE_S, now: float | None = None) -> None:
     given = _required(headers, GRAFANA_SIGNATURE,
                       "set the HMAC secret on the Grafana webhook contact point")
     timestamp = header(headers, GRAFANA_TIMESTAMP)
-    message = f"{timestamp.strip()}:".encode() + body if timestamp else body
+    message = f"{timestamp.strip()}:".encode() + body if timestamp is not None else body
     if not _same(given.lower(), hmac_sha256_hex(secret, message)):
         raise AuthError(f"header {GRAFANA_SIGNATURE} does not match the body"
-                        + (" and timestamp" if timestamp else "")
+                        + (" and timestamp" if timestamp is not None else "")
                         + "; check that Grafana and the gateway use the same secret")
+    if timestamp is not None:
+        check_fresh(GRAFANA_TIMESTAMP, timestamp, max_age_s, now)
 
 
-def verify_sentry(body: bytes, headers: Mapping[str, str], secret: SecretStr) -> None:
+def verify_sentry(body: bytes, headers: Mapping[str, str], secret: SecretStr,
+                  max_age_s: int = DEFAULT_MAX_AGE_S, now: float | None = None) -> None:
     given = _required(headers, SENTRY_SIGNATURE, "Sentry signs every integration webhook")
     if not _same(given.lower(), hmac_sha256_hex(secret, body)):
         raise AuthError(f"header {SENTRY_SIGNATURE} does not match the body; check the "
                         "integration's client secret")
+    timestamp = _required(headers, SENTRY_TIMESTAMP, "Sentry sends it with every webhook")
+    check_fresh(SENTRY_TIMESTAMP, timestamp, max_age_s, now)
 
 
 def verify_pagerduty(body: bytes, headers: Mapping[str, str], secret: SecretStr) -> None:
@@ -136,15 +164,16 @@ def _authorization(headers: Mapping[str, str]) -> tuple[str, str]:
 
 def authenticate(source: str, body: bytes, headers: Mapping[str, str],
                  settings: GatewaySettings) -> None:
-    """Verify one delivery for ``source``; no-op where no secret is configured."""
+    """Verify one delivery for ``source``; no-op where no secret is configured (the gateway
+    only starts so when the source is in ``insecure_sources``, on loopback)."""
     if source == "alertmanager":
         verify_alertmanager(headers, settings.alertmanager_bearer_token,
                             settings.alertmanager_basic_username,
                             settings.alertmanager_basic_password)
     elif source == "grafana" and settings.grafana_secret is not None:
-        verify_grafana(body, headers, settings.grafana_secret)
+        verify_grafana(body, headers, settings.grafana_secret, settings.signature_max_age_s)
     elif source == "sentry" and settings.sentry_client_secret is not None:
-        verify_sentry(body, headers, settings.sentry_client_secret)
+        verify_sentry(body, headers, settings.sentry_client_secret, settings.signature_max_age_s)
     elif source == "pagerduty" and settings.pagerduty_secret is not None:
         verify_pagerduty(body, headers, settings.pagerduty_secret)
     elif source == "opsgenie" and settings.opsgenie_secret is not None:

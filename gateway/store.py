@@ -3,19 +3,33 @@
 SQLite (WAL) in the state dir: one transaction per delivery, so what was answered
 202 is on disk. Exactly-once is enforced by the database, not by timing:
 
-* ``seen.dedup_key`` (episode + state) is the primary key: a redelivery is a duplicate;
-* ``incidents.episode_key`` is unique: one firing episode opens at most one incident;
+* ``seen.key`` (source + episode + state) is the primary key: a redelivery of the state an
+  episode is in is a duplicate. A state change is not: a resolve forgets the episode's
+  firing keys, so a regression after it (Sentry ``unresolved``, PagerDuty ``reopened``) is
+  news, and a new firing forgets the resolved key, so the next resolve is news too;
+* ``incidents (source, episode_key) WHERE resolved_at IS NULL`` is unique: a firing episode
+  opens at most one incident until it resolves; a regression after the resolve opens a new one;
 * a partial unique index on ``incidents.fingerprint WHERE status = 'open'``: a re-fire
-  (new episode, same alert) while an incident is open is attached to it, not a new run.
+  (new episode, same alert) while an incident is open is attached to it, not a new run;
+* a resolve only ever lands on an incident opened by the same source.
+
+What is kept (the file is 0600, its directory private): the normalised fields the
+gateway needs - identity, status, labels, summary, severity, times, links, what was
+decided - never the raw payload or its unknown fields. ``retention_days`` prunes old
+deliveries and alerts; open incidents (and their alerts) and the dedup keys still being
+redelivered within the retention period are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
 import sqlite3
+import stat
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -24,8 +38,13 @@ from pydantic import BaseModel
 from gateway.models import Alert, Delivery
 from gateway.routing import RouteDecision
 
+log = logging.getLogger("gateway.store")
+
 Disposition = Literal["opened", "attached", "duplicate", "unrouted", "resolved", "resolved-unknown",
                       "acknowledged"]
+
+SCHEMA_VERSION = 2
+PRUNE_EVERY = timedelta(hours=1)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -37,16 +56,56 @@ CREATE TABLE IF NOT EXISTS alerts (
     fingerprint TEXT NOT NULL, episode_key TEXT NOT NULL, dedup_key TEXT NOT NULL,
     service TEXT, severity TEXT, summary TEXT, disposition TEXT NOT NULL,
     incident_id TEXT, route TEXT, reason TEXT, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS seen (dedup_key TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, last_seen TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS incidents (
-    incident_id TEXT PRIMARY KEY, episode_key TEXT NOT NULL UNIQUE, fingerprint TEXT NOT NULL,
-    scenario TEXT NOT NULL, target TEXT NOT NULL, severity TEXT NOT NULL,
-    status TEXT NOT NULL, opened_at TEXT NOT NULL, resolved_at TEXT, closed_at TEXT,
-    outcome TEXT, flow_run_id TEXT);
+    incident_id TEXT PRIMARY KEY, source TEXT NOT NULL, episode_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, scenario TEXT NOT NULL, target TEXT NOT NULL,
+    severity TEXT NOT NULL, status TEXT NOT NULL, opened_at TEXT NOT NULL, resolved_at TEXT,
+    closed_at TEXT, outcome TEXT, flow_run_id TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS one_incident_per_unresolved_episode
+    ON incidents(source, episode_key) WHERE resolved_at IS NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_incident_per_alert
     ON incidents(fingerprint) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS incidents_by_episode ON incidents(source, episode_key);
 CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(received_at);
+CREATE INDEX IF NOT EXISTS alerts_by_incident ON alerts(incident_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries(received_at);
+CREATE INDEX IF NOT EXISTS seen_by_time ON seen(last_seen);
 """
+
+#: the normalised fields of an alert the store keeps (``alerts.body``, JSON): what the
+#: incident's trigger and a restart need. Never ``annotations`` or ``extra`` (free-form and
+#: unknown fields of the sender's payload) nor the sender's raw ids.
+STORED_FIELDS = ("source", "status", "acknowledged", "fingerprint", "fingerprint_origin",
+                 "episode_key", "labels", "summary", "service", "severity", "starts_at", "ends_at",
+                 "links", "event_type")
+
+#: schema 1 kept each alert's whole JSON, the payload's unknown fields included, and keyed
+#: dedup and incidents without the source; the alerts' bodies are rewritten in Python
+_MIGRATE_FROM_1 = [
+    "ALTER TABLE incidents RENAME TO incidents_v1",
+    "ALTER TABLE seen RENAME TO seen_v1",
+    "DROP INDEX IF EXISTS one_open_incident_per_alert",
+    *[s.strip() for s in SCHEMA.split(";") if s.strip()],
+    """INSERT INTO incidents (incident_id, source, episode_key, fingerprint, scenario, target,
+           severity, status, opened_at, resolved_at, closed_at, outcome, flow_run_id)
+       SELECT i.incident_id,
+           COALESCE((SELECT a.source FROM alerts a WHERE a.incident_id = i.incident_id
+                     AND a.disposition = 'opened' LIMIT 1),
+                    substr(i.episode_key, 1, instr(i.episode_key, ':') - 1)),
+           i.episode_key, i.fingerprint, i.scenario, i.target, i.severity, i.status, i.opened_at,
+           i.resolved_at, i.closed_at, i.outcome, i.flow_run_id FROM incidents_v1 i""",
+    """INSERT INTO seen (key, last_seen)
+       SELECT substr(dedup_key, 1, instr(dedup_key, ':') - 1) || '|' || dedup_key, :now
+       FROM seen_v1""",
+    "DROP TABLE incidents_v1",
+    "DROP TABLE seen_v1",
+]
+
+
+def stored_body(alert: Alert) -> str:
+    """Only the kept fields are serialised: ``extra`` (the sender's, any shape) never is."""
+    return json.dumps(alert.model_dump(mode="json", include=set(STORED_FIELDS)))
 
 
 class TrackedIncident(BaseModel):
@@ -54,6 +113,7 @@ class TrackedIncident(BaseModel):
     closed. Not the incident record itself (``incident.record.Incident``, kept by the run)."""
 
     incident_id: str
+    source: str
     episode_key: str
     fingerprint: str
     scenario: str
@@ -79,7 +139,12 @@ class IntakeResult(BaseModel):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
+
+
+def _ts(at: datetime) -> str:
+    """Stored times: UTC ISO 8601, so that they compare as text."""
+    return at.astimezone(UTC).isoformat()
 
 
 def new_incident_id(at: datetime) -> str:
@@ -88,25 +153,88 @@ def new_incident_id(at: datetime) -> str:
     return f"INC-{at:%Y%m%d}-A{secrets.token_hex(4)[:7]}"
 
 
+def seen_key(alert: Alert, state: str | None = None) -> str:
+    """The dedup key of an alert's state, qualified by its source."""
+    if state is None:
+        return f"{alert.source}|{alert.dedup_key}"
+    return f"{alert.source}|{alert.episode_key}|{state}"
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` (and its directory) readable by this user only; tighten them if they exist.
+
+    A directory made by the gateway is 0700; an existing one others can enter loses their
+    access, unless it is a shared sticky directory (such as /tmp), which is left alone with a
+    warning - the file itself is 0600 either way.
+    """
+    parent = path.parent
+    if not parent.exists():
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    mode = parent.stat().st_mode
+    if mode & 0o077:
+        if mode & stat.S_ISVTX:
+            log.warning("the store's directory %s is shared (sticky, mode %o); keep the store in a "
+                        "private directory (RUNBOOKS_GATEWAY_STORE)", parent, stat.S_IMODE(mode))
+        else:
+            parent.chmod(stat.S_IMODE(mode) & 0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and stat.S_IMODE(file.stat().st_mode) != 0o600:
+            file.chmod(0o600)
+
+
 class AlertStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, retention_days: int = 30) -> None:
+        private_file(path)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.retention = timedelta(days=retention_days)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._migrate()
+        self._last_prune: datetime | None = None
+        self.prune()
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        db = self._db
+        with self._lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                migrated = version < SCHEMA_VERSION and "incidents" in tables
+                if migrated:
+                    for statement in _MIGRATE_FROM_1:
+                        db.execute(statement, {"now": _ts(_now())} if ":now" in statement else ())
+                    for row_id, body in db.execute("SELECT id, body FROM alerts").fetchall():
+                        kept = {k: v for k, v in json.loads(body).items() if k in STORED_FIELDS}
+                        db.execute("UPDATE alerts SET body = ? WHERE id = ?", (json.dumps(kept), row_id))
+                elif version < SCHEMA_VERSION:
+                    for statement in (s.strip() for s in SCHEMA.split(";")):
+                        if statement:
+                            db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if migrated:
+            db.execute("VACUUM")  # the dropped payload fields must not linger in free pages
+            log.warning("migrated the intake store %s to schema %d: payload fields beyond the "
+                        "normalised alert dropped", self.path, SCHEMA_VERSION)
 
     # -- intake -------------------------------------------------------------------------
     def record_delivery(self, delivery: Delivery, alerts: list[Alert],
                         routes: list[RouteDecision]) -> list[IntakeResult]:
         """One transaction: the delivery, each alert with its disposition, new incidents."""
-        now = _now()
+        now = delivery.received_at
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -114,8 +242,7 @@ class AlertStore:
                 cur = db.execute(
                     "INSERT INTO deliveries (received_at, source, delivery_id, remote_addr, alerts)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (delivery.received_at.isoformat(), delivery.source, delivery.delivery_id,
-                     delivery.remote_addr, len(alerts)))
+                    (_ts(now), delivery.source, delivery.delivery_id, delivery.remote_addr, len(alerts)))
                 delivery_row = cur.lastrowid
                 outcomes = [self._decide(db, alert, route, now) for alert, route in zip(alerts, routes)]
                 for o in outcomes:
@@ -123,60 +250,114 @@ class AlertStore:
                         "INSERT INTO alerts (delivery, received_at, source, status, fingerprint,"
                         " episode_key, dedup_key, service, severity, summary, disposition,"
                         " incident_id, route, reason, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (delivery_row, now.isoformat(), o.alert.source, o.alert.status,
+                        (delivery_row, _ts(now), o.alert.source, o.alert.status,
                          o.alert.fingerprint, o.alert.episode_key, o.alert.dedup_key, o.alert.service,
                          o.alert.severity.value, o.alert.summary, o.disposition,
                          o.incident.incident_id if o.incident else None,
                          o.route.rule if o.route and o.route.routed else None, o.reason,
-                         o.alert.model_dump_json()))
+                         stored_body(o.alert)))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        if self._last_prune is None or now - self._last_prune >= PRUNE_EVERY:
+            self.prune(now)
         return outcomes
 
     def _decide(self, db: sqlite3.Connection, alert: Alert, route: RouteDecision,
                 now: datetime) -> IntakeResult:
-        if db.execute("INSERT OR IGNORE INTO seen (dedup_key) VALUES (?)",
-                      (alert.dedup_key,)).rowcount == 0:
+        key = seen_key(alert)
+        if db.execute("INSERT OR IGNORE INTO seen (key, last_seen) VALUES (?, ?)",
+                      (key, _ts(now))).rowcount == 0:
+            db.execute("UPDATE seen SET last_seen = ? WHERE key = ?", (_ts(now), key))
             return IntakeResult(alert=alert, disposition="duplicate", route=route,
-                           reason="already received (redelivery)")
+                                reason="already received (redelivery)")
         if alert.status == "resolved":
-            inc = self._find(db, "episode_key = ?", alert.episode_key) or \
-                self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
+            # the episode is over: its next firing (a regression) is news, not a redelivery
+            db.execute("DELETE FROM seen WHERE key IN (?, ?)",
+                       (seen_key(alert, "firing"), seen_key(alert, "acknowledged")))
+            inc = self._find(db, "source = ? AND episode_key = ?", alert.source, alert.episode_key,
+                             order="resolved_at IS NULL DESC, opened_at DESC") or \
+                self._find(db, "source = ? AND fingerprint = ? AND status = 'open'",
+                           alert.source, alert.fingerprint)
             if inc is None:
                 return IntakeResult(alert=alert, disposition="resolved-unknown", route=route,
-                               reason="resolved, but no incident was opened for it")
+                                    reason=f"resolved, but no incident was opened for it by {alert.source}")
             db.execute("UPDATE incidents SET resolved_at = ? WHERE incident_id = ?",
-                       (now.isoformat(), inc.incident_id))
+                       (_ts(now), inc.incident_id))
             return IntakeResult(alert=alert, disposition="resolved", route=route,
-                           incident=inc.model_copy(update={"resolved_at": now}))
+                                incident=inc.model_copy(update={"resolved_at": now}))
+        db.execute("DELETE FROM seen WHERE key = ?", (seen_key(alert, "resolved"),))
         if alert.acknowledged:
-            inc = self._find(db, "episode_key = ?", alert.episode_key)
+            inc = self._find(db, "source = ? AND episode_key = ?", alert.source, alert.episode_key)
             return IntakeResult(alert=alert, disposition="acknowledged", incident=inc, route=route,
-                           reason="acknowledged by a human: no new remediation")
+                                reason="acknowledged by a human: no new remediation")
         if not route.routed:
             return IntakeResult(alert=alert, disposition="unrouted", route=route, reason=route.reason)
-        open_inc = self._find(db, "episode_key = ?", alert.episode_key) or \
+        open_inc = self._find(db, "source = ? AND episode_key = ? AND resolved_at IS NULL",
+                              alert.source, alert.episode_key) or \
             self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
         if open_inc is not None:
             return IntakeResult(alert=alert, disposition="attached", incident=open_inc, route=route,
-                           reason=f"incident {open_inc.incident_id} already {open_inc.status} for it")
-        inc = TrackedIncident(incident_id=new_incident_id(now), episode_key=alert.episode_key,
-                       fingerprint=alert.fingerprint, scenario=route.scenario or "",
-                       target=route.target or "", severity=route.severity.value,
-                       status="open", opened_at=now)
+                                reason=f"incident {open_inc.incident_id} already {open_inc.status} for it")
+        inc = TrackedIncident(incident_id=new_incident_id(now), source=alert.source,
+                              episode_key=alert.episode_key, fingerprint=alert.fingerprint,
+                              scenario=route.scenario or "", target=route.target or "",
+                              severity=route.severity.value, status="open", opened_at=now)
         db.execute(
-            "INSERT INTO incidents (incident_id, episode_key, fingerprint, scenario, target,"
-            " severity, status, opened_at) VALUES (?,?,?,?,?,?,?,?)",
-            (inc.incident_id, inc.episode_key, inc.fingerprint, inc.scenario, inc.target,
-             inc.severity, inc.status, now.isoformat()))
+            "INSERT INTO incidents (incident_id, source, episode_key, fingerprint, scenario, target,"
+            " severity, status, opened_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (inc.incident_id, inc.source, inc.episode_key, inc.fingerprint, inc.scenario, inc.target,
+             inc.severity, inc.status, _ts(now)))
         return IntakeResult(alert=alert, disposition="opened", incident=inc, route=route)
 
-    def _find(self, db: sqlite3.Connection, where: str, arg: str) -> TrackedIncident | None:
-        row = db.execute(f"SELECT * FROM incidents WHERE {where} ORDER BY opened_at DESC LIMIT 1",
-                         (arg,)).fetchone()
+    def _find(self, db: sqlite3.Connection, where: str, *args: str,
+              order: str = "opened_at DESC") -> TrackedIncident | None:
+        row = db.execute(f"SELECT * FROM incidents WHERE {where} ORDER BY {order} LIMIT 1",
+                         args).fetchone()
         return TrackedIncident.model_validate(dict(row)) if row else None
+
+    # -- retention ------------------------------------------------------------------------
+    def prune(self, now: datetime | None = None) -> dict[str, int]:
+        """Forget what is older than the retention period; keep what dedup and recovery need.
+
+        Kept: open incidents, all their alerts and their episodes' dedup keys; dedup keys
+        redelivered within the period (a duplicate refreshes its key); closed incidents while a
+        key of their episode is kept.
+        """
+        now = now or _now()
+        cutoff = _ts(now - self.retention)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = {
+                    "alerts": db.execute(
+                        "DELETE FROM alerts WHERE received_at < ? AND (incident_id IS NULL OR"
+                        " incident_id NOT IN (SELECT incident_id FROM incidents WHERE status = 'open'))",
+                        (cutoff,)).rowcount,
+                    "deliveries": db.execute(
+                        "DELETE FROM deliveries WHERE received_at < ? AND NOT EXISTS"
+                        " (SELECT 1 FROM alerts a WHERE a.delivery = deliveries.id)", (cutoff,)).rowcount,
+                    "seen": db.execute(
+                        "DELETE FROM seen WHERE last_seen < ? AND NOT EXISTS (SELECT 1 FROM incidents i"
+                        " WHERE i.status = 'open' AND substr(seen.key, 1, length(i.source)"
+                        " + length(i.episode_key) + 2) = i.source || '|' || i.episode_key || '|')",
+                        (cutoff,)).rowcount,
+                    "incidents": db.execute(
+                        "DELETE FROM incidents WHERE status = 'closed' AND closed_at < ? AND NOT EXISTS"
+                        " (SELECT 1 FROM seen s WHERE substr(s.key, 1, length(incidents.source)"
+                        " + length(incidents.episode_key) + 2) = incidents.source || '|' ||"
+                        " incidents.episode_key || '|')", (cutoff,)).rowcount,
+                }
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._last_prune = now
+        if any(counts.values()):
+            log.info("pruned the intake store (older than %s): %s", cutoff, counts)
+        return counts
 
     # -- incident lifecycle -----------------------------------------------------------------
     def set_flow_run(self, incident_id: str, flow_run_id: str) -> None:
@@ -188,7 +369,7 @@ class AlertStore:
         with self._lock:
             self._db.execute(
                 "UPDATE incidents SET status = 'closed', closed_at = ?, outcome = ?"
-                " WHERE incident_id = ?", (_now().isoformat(), outcome, incident_id))
+                " WHERE incident_id = ?", (_ts(_now()), outcome, incident_id))
 
     def incident(self, incident_id: str) -> TrackedIncident | None:
         with self._lock:
@@ -201,7 +382,7 @@ class AlertStore:
         return [TrackedIncident.model_validate(dict(r)) for r in rows]
 
     def first_alert(self, incident_id: str) -> Alert:
-        """The alert that opened the incident, as it was accepted."""
+        """The alert that opened the incident, from its stored normalised fields."""
         with self._lock:
             row = self._db.execute(
                 "SELECT body FROM alerts WHERE incident_id = ? AND disposition = 'opened'"
@@ -209,9 +390,7 @@ class AlertStore:
         if row is None:
             raise LookupError(f"no opening alert stored for {incident_id}; the store at "
                               f"{self.path} is inconsistent - close the incident by hand")
-        stored = json.loads(row[0])
-        return Alert.model_validate({k: v for k, v in stored.items()
-                                     if k not in Alert.model_computed_fields})
+        return Alert.model_validate(json.loads(row[0]))
 
     # -- reading ----------------------------------------------------------------------------
     def recent_alerts(self, limit: int = 50) -> list[dict]:
@@ -230,3 +409,4 @@ class AlertStore:
                 "SELECT disposition, COUNT(*) FROM alerts GROUP BY disposition").fetchall()
             incidents = self._db.execute("SELECT COUNT(*) FROM incidents").fetchone()[0]
         return {**{r[0]: r[1] for r in rows}, "incidents": incidents}
+

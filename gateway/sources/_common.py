@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.errors import PayloadError
+from gateway.errors import NotUtf8Error, PayloadError
 
 #: Go's zero time.Time, which Alertmanager and Grafana send as endsAt of firing alerts.
 GO_ZERO_TIME_PREFIX = "0001-01-01T00:00:00"
@@ -23,15 +23,15 @@ def _reject_constant(name: str) -> Any:
 def load_json(body: bytes) -> Any:
     """Parse a webhook body. Integers stay Python ints (no float round trip).
 
-    Raises PayloadError for empty, non-UTF-8/16/32, non-JSON, NaN/Infinity or too
-    deeply nested bodies, saying what is wrong.
+    Raises NotUtf8Error for bodies that are not UTF-8 text (UTF-16/32 included: JSON
+    on the wire is UTF-8; a leading UTF-8 byte order mark is ignored), PayloadError for
+    empty, non-JSON, NaN/Infinity or too deeply nested bodies, saying what is wrong.
     """
-    if not body.strip():
+    text = decode_utf8(body)
+    if not text.strip():
         raise PayloadError("the body is empty; send the webhook's JSON document")
     try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise PayloadError(f"the body is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        doc = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PayloadError(
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -42,6 +42,20 @@ def load_json(body: bytes) -> Any:
         raise PayloadError("the body's JSON is nested too deeply to be a webhook") from exc
     _reject_lone_surrogates(doc)
     return doc
+
+
+def decode_utf8(body: bytes) -> str:
+    """The body as text, strictly UTF-8. NUL never occurs in JSON text, but in every
+    UTF-16/32 encoding of it: such bodies are refused, not guessed."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotUtf8Error(f"the body is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                           "send JSON encoded as UTF-8") from exc
+    if "\x00" in text:
+        raise NotUtf8Error("the body contains NUL bytes: it is not UTF-8 JSON text (UTF-16 or "
+                           "UTF-32?); send JSON encoded as UTF-8")
+    return text.removeprefix("\ufeff")
 
 
 def _reject_lone_surrogates(doc: Any) -> None:

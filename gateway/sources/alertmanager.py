@@ -35,7 +35,7 @@ from typing import Any
 from gateway import severity as sev
 from gateway.errors import NotAnAlert, PayloadError
 from gateway.fingerprint import labels_fingerprint
-from gateway.models import Alert, Source
+from gateway.models import NO_LABELS, Alert, Source
 from gateway.sources._common import (
     get_list,
     get_str,
@@ -100,6 +100,8 @@ def alert_from_item(
             f"status is {status!r}; expected 'firing' or 'resolved' on the alert or its group", path
         )
     labels = str_map(item.get("labels"), f"{path}.labels")
+    if not any(labels.values()):
+        raise PayloadError(NO_LABELS, f"{path}.labels")
     annotations = str_map(item.get("annotations"), f"{path}.annotations")
     computed = labels_fingerprint(labels)
     given = get_str(item, "fingerprint", path) or None

@@ -184,6 +184,9 @@ def _metric_alert(doc: Mapping[str, Any], data: Mapping[str, Any], action: str) 
     rule_id = get_str(rule, "id", "data.metric_alert.alert_rule", required=True)
     incident_id = get_str(incident, "id", "data.metric_alert", required=True)
     projects = rule.get("projects") or incident.get("projects") or []
+    if not isinstance(projects, list):
+        raise PayloadError(f"expected an array of project slugs, got {type(projects).__name__}",
+                           "data.metric_alert.alert_rule.projects")
     project = projects[0] if len(projects) == 1 and isinstance(projects[0], str) else None
     name = get_str(rule, "name", "data.metric_alert.alert_rule") or f"metric alert {rule_id}"
     labels = _clean({"alertname": name, "project": project,

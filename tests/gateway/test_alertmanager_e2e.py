@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 from gateway.__main__ import serving
+from gateway.models import SOURCES
 from gateway.settings import GatewaySettings
 from gateway.store import AlertStore
 from lab.faults import FAULTS
@@ -31,7 +32,8 @@ def pipeline(deployed, lab, state_dir):
     lab.up(alerting=True)
     token = lab.info.alertmanager_token_file.read_text().strip()
     settings = GatewaySettings(port=lab.info.gateway_port, store=state_dir / "gateway" / "am-e2e.db",
-                               alertmanager_bearer_token=token)
+                               alertmanager_bearer_token=token,  # only Alertmanager posts here
+                               insecure_sources=[s for s in SOURCES if s != "alertmanager"])
     store = AlertStore(settings.store_path)
     try:
         with serving(settings):
@@ -73,7 +75,8 @@ def test_real_alert_heals_the_fault_and_resolves_the_incident(pipeline, healthy_
     while (inc := store.incident(incident_id)).status != "closed":
         assert time.monotonic() < deadline, f"the remediation did not finish: {inc}"
         if inc.flow_run_id and _paused(inc.flow_run_id):  # a step no policy covers: a human approves
-            resume_flow_run(UUID(inc.flow_run_id), run_input={"decision": "approve", "reason": "on-call: go"})
+            resume_flow_run(UUID(inc.flow_run_id), run_input={"decision": "approve", "reason": "on-call: go",
+                                                              "approver": "on-call engineer"})
             approved.append(inc.flow_run_id)
         time.sleep(0.5)
     assert inc.outcome == "Completed", f"{fault.scenario} ended {inc.outcome}"
@@ -82,9 +85,10 @@ def test_real_alert_heals_the_fault_and_resolves_the_incident(pipeline, healthy_
     while "alertmanager reports the alert RESOLVED" not in (text := report(incident_id)):
         assert time.monotonic() < deadline, "Alertmanager's resolved notification never reached the record"
         time.sleep(1)
-    assert f"`alertname={fault.alert}`" in text, "the record names the alert that started it"
+    labels_line = next((line for line in text.splitlines() if line.startswith("- labels: ")), "")
+    assert f"alertname={fault.alert}" in labels_line, "the record names the alert that started it"
     if approved:
-        assert "| approved | human | on-call: go |" in text
+        assert "| approved | on-call engineer | on-call: go |" in text
     assert store.incident(incident_id).resolved_at is not None
     firing = [r for r in store.recent_alerts(500) if r["incident_id"] == incident_id]
     assert sum(r["disposition"] == "opened" for r in firing) == 1, "one remediation per incident"

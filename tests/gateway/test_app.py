@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -15,11 +18,17 @@ from gateway.intake_memory import RecordingIntake
 from gateway.models import SOURCES, Alert, Delivery
 from gateway.routing import Router
 from gateway.settings import GatewaySettings
+from gateway.sources import PARSERS
 from incident.settings import REPO_ROOT
 from tests.gateway.conftest import payload, payload_files
 
 SECRET = "app-test-secret"
 JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(autouse=True)
+def _inventory(test_inventory):
+    """The router checks targets against this inventory."""
 
 
 def call(app, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None):
@@ -31,6 +40,8 @@ def call(app, method: str, path: str, body: bytes = b"", headers: dict[str, str]
 
 
 def make(**settings: Any) -> tuple[Any, RecordingIntake]:
+    """An app whose sources without a secret here are explicitly allowed unverified (loopback)."""
+    settings.setdefault("insecure_sources", list(SOURCES))
     intake = RecordingIntake(Router.from_file(REPO_ROOT / "routes.yaml"))
     return create_app(GatewaySettings(**settings), intake), intake
 
@@ -85,7 +96,7 @@ SIGNED = [
     ("grafana", "grafana/bougou_grafana-alert.json", {"grafana_secret": SECRET},
      lambda b: {"X-Grafana-Alerting-Signature": sign(b)}),
     ("sentry", "sentry/zulip_issue_resolved.json", {"sentry_client_secret": SECRET},
-     lambda b: {"Sentry-Hook-Signature": sign(b)}),
+     lambda b: {"Sentry-Hook-Signature": sign(b), "Sentry-Hook-Timestamp": str(int(time.time()))}),
     ("pagerduty", "pagerduty/zulip_resolved_v3.json", {"pagerduty_secret": SECRET},
      lambda b: {"X-PagerDuty-Signature": f"v1={'0' * 64},v1={sign(b)}"}),
     ("opsgenie", "opsgenie/zulip_close.json", {"opsgenie_secret": SECRET},
@@ -105,9 +116,14 @@ def test_authentication(source, path, settings, auth):
     assert ok.status_code == 202, ok.text
     missing = call(app, "POST", f"/alerts/{source}", body, JSON)
     assert missing.status_code == 401 and "missing" in missing.json()["detail"]
+    missing_ts = {k: v for k, v in auth(body).items() if k != "Sentry-Hook-Timestamp"}
+    if source == "sentry":  # Sentry sends its timestamp with every webhook
+        response = call(app, "POST", "/alerts/sentry", body, {**JSON, **missing_ts})
+        assert response.status_code == 401 and "Sentry-Hook-Timestamp is missing" in response.text
     forged = {k: ("v1=" + "1" * 64 if k == "X-PagerDuty-Signature" else
-                  "Bearer nope" if k == "Authorization" else "f" * 64)
-              for k in auth(body)}
+                  "Bearer nope" if k == "Authorization" else
+                  v if k == "Sentry-Hook-Timestamp" else "f" * 64)
+              for k, v in auth(body).items()}
     wrong = call(app, "POST", f"/alerts/{source}", body, {**JSON, **forged})
     assert wrong.status_code == 401
     assert SECRET not in wrong.text and sign(body) not in wrong.text
@@ -147,19 +163,95 @@ def test_default_limit_is_one_mib():
 
 @pytest.mark.parametrize("content_type, status", [
     ("text/plain", 415),
+    ("text/plain;charset=UTF-8", 415),
     ("application/x-www-form-urlencoded", 415),
+    ("multipart/form-data; boundary=x", 415),
+    ("application/json; charset=utf-16", 415),
     ("application/json; charset=utf-8", 202),
     ("application/cloudevents+json", 202),
-    ("", 202),
+    ("application/cloudevents-batch+json", 202),
+    ("", 415),  # no Content-Type at all: what a browser form or fetch without headers sends
 ])
 def test_content_types(content_type, status):
-    app, _ = make()
+    app, intake = make()
     headers = {"content-type": content_type} if content_type else {}
     response = call(app, "POST", "/alerts/cloudevents",
                     payload("cloudevents/ce-conformance_validMinimal.json"), headers)
     assert response.status_code == status, response.text
     if status == 415:
+        assert "UTF-8" in response.json()["detail"] or "application/json" in response.json()["detail"]
+        assert intake.deliveries == []
+
+
+def test_a_request_without_content_type_is_refused_even_when_authenticated():
+    """A page in a browser can POST text/plain or a form cross-origin without a CORS
+    preflight, never application/json: requiring JSON keeps web pages out."""
+    app, intake = make(alertmanager_bearer_token=SECRET)
+    body = payload("alertmanager/zulip_alert.json")
+    for headers in ({}, {"content-type": "text/plain"}):
+        response = call(app, "POST", "/alerts/alertmanager", body,
+                        {**headers, "Authorization": f"Bearer {SECRET}"})
+        assert response.status_code == 415, response.text
         assert "application/json" in response.json()["detail"]
+    assert intake.deliveries == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1"])
+def test_bodies_that_are_not_utf8_are_refused(encoding):
+    app, intake = make()
+    text = '{"status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "\u00c9t\u00e9"}}]}'
+    assert call(app, "POST", "/alerts/alertmanager", text.encode(), JSON).status_code == 202
+    body = text.encode(encoding)
+    response = call(app, "POST", "/alerts/alertmanager", body, JSON)
+    assert response.status_code == 415, response.text
+    assert "UTF-8" in response.json()["detail"]
+    assert len(intake.deliveries) == 1, "only the UTF-8 delivery was accepted"
+
+
+def test_alerts_without_labels_are_refused():
+    app, intake = make()
+    for labels in ({}, {"alertname": ""}, None):
+        item: dict[str, Any] = {"status": "firing", "startsAt": "2024-05-01T10:00:00Z"}
+        if labels is not None:
+            item["labels"] = labels
+        body = json.dumps({"status": "firing", "alerts": [item]}).encode()
+        response = call(app, "POST", "/alerts/alertmanager", body, JSON)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith("alerts[0].labels: the alert has no labels")
+    ce = {"specversion": "1.0", "id": "1", "source": "/x", "type": "t", "data": {"labels": {}}}
+    response = call(app, "POST", "/alerts/cloudevents", json.dumps(ce).encode(), JSON)
+    assert response.status_code == 422 and "data.labels" in response.text
+    assert intake.deliveries == []
+
+
+def test_alerts_per_delivery_are_capped():
+    body = payload("alertmanager/bougou_mixed-firing-resolved.json")  # 4 alerts
+    app, intake = make(max_alerts_per_delivery=3)
+    response = call(app, "POST", "/alerts/alertmanager", body, JSON)
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "4 alerts, more than 3" in detail and "RUNBOOKS_GATEWAY_MAX_ALERTS_PER_DELIVERY" in detail
+    assert intake.deliveries == []
+    app, intake = make(max_alerts_per_delivery=4)
+    assert call(app, "POST", "/alerts/alertmanager", body, JSON).status_code == 202
+    assert GatewaySettings().max_alerts_per_delivery == 500
+
+
+def test_parsing_runs_off_the_event_loop():
+    """A large body is parsed in a worker thread: the event loop keeps serving meanwhile."""
+    threads: list[int] = []
+
+    def recording(body, headers):
+        threads.append(threading.get_ident())
+        return PARSERS["alertmanager"](body, headers)
+
+    intake = RecordingIntake()
+    app = create_app(GatewaySettings(insecure_sources=list(SOURCES)), intake,
+                     parsers={**PARSERS, "alertmanager": recording})
+    loop_thread = threading.get_ident()  # asyncio.run in call() runs the loop in this thread
+    response = call(app, "POST", "/alerts/alertmanager", payload("alertmanager/zulip_alert.json"), JSON)
+    assert response.status_code == 202, response.text
+    assert threads and loop_thread not in threads
 
 
 GARBAGE = [b"", b"\x00\xff", b"[]", b"{}", b"null", b"42", b'"x"', b"{", b"[" * 50_000,
@@ -173,7 +265,9 @@ GARBAGE = [b"", b"\x00\xff", b"[]", b"{}", b"null", b"42", b'"x"', b"{", b"[" * 
            rb'{"action": "Create", "alert": {"alertId": "a", "createdAt": 99999999999999999999}}',
            rb'{"action": "Close", "alert": {"alertId": "a", "updatedAt": -99999999999999999999}}',
            rb'{"action": "triggered", "data": {"event": {"issue_id": "1", "tags": {"a": 1}}}}',
-           rb'{"event": {"event_type": "incident.resolved", "data": {"id": "P", "service": "x"}}}']
+           rb'{"event": {"event_type": "incident.resolved", "data": {"id": "P", "service": "x"}}}',
+           rb'{"action": "resolved", "data": {"metric_alert": {"id": "4", "alert_rule": {"id": "7",'
+           rb' "projects": {"a": 1}}}}}']
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -181,8 +275,8 @@ def test_garbage_never_yields_5xx(source, caplog):
     app, _ = make()
     for body in GARBAGE:
         response = call(app, "POST", f"/alerts/{source}", body, JSON)
-        assert response.status_code in (202, 422), (body[:40], response.status_code, response.text)
-        if response.status_code == 422:
+        assert response.status_code in (202, 415, 422), (body[:40], response.status_code, response.text)
+        if response.status_code in (415, 422):
             assert response.json()["detail"]
     # every rejection was an explicit PayloadError, not the catch-all for parser bugs
     assert not [r for r in caplog.records if "unexpected parser failure" in r.getMessage()]
@@ -212,7 +306,7 @@ class FailingIntake:
 
 
 def test_intake_failure_is_503_so_senders_retry():
-    app = create_app(GatewaySettings(), FailingIntake())
+    app = create_app(GatewaySettings(insecure_sources=list(SOURCES)), FailingIntake())
     response = call(app, "POST", "/alerts/alertmanager",
                     payload("alertmanager/zulip_alert.json"), JSON)
     assert response.status_code == 503 and "retry" in response.json()["detail"]
@@ -238,3 +332,20 @@ def test_settings_from_environment(monkeypatch):
     assert (settings.host, settings.port, settings.max_body_bytes) == ("127.0.0.1", 9999, 1 << 20)
     assert settings.pagerduty_secret is not None and SECRET not in repr(settings)
     assert settings.routes_file == REPO_ROOT / "routes.yaml"
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661", " 12 ", "-1", "1e3", "99999999999999999999999"])
+def test_odd_content_length_headers_are_never_a_server_error(length):
+    app, _ = make(max_body_bytes=1000)
+    body = payload("cloudevents/ce-conformance_validMinimal.json")
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            request = client.build_request("POST", "/alerts/cloudevents", content=body, headers=JSON)
+            request.headers["content-length"] = length.encode("utf-8").decode("latin-1")
+            return await client.send(request)
+    response = asyncio.run(go())
+    assert response.status_code < 500, response.text
+    if length.strip().isascii() and length.strip().isdigit() and int(length) > 1000:
+        assert response.status_code == 413

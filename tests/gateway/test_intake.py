@@ -10,19 +10,21 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.input import keyset_from_paused_state
 
 from gateway.__main__ import service_down_alert, signed_headers
+from gateway.intake import stand_down_input
 from gateway.store import AlertStore
 from tasks.http_checks import check_health
 
 pytestmark = pytest.mark.lab
 
 
-def _post(gateway, body: dict) -> dict:
+def _post(gateway, body: dict, source: str = "alertmanager") -> dict:
     settings, url = gateway
     raw = json.dumps(body).encode()
-    resp = httpx.post(f"{url}/alerts/alertmanager", content=raw,
-                      headers=signed_headers("alertmanager", raw, settings), timeout=10)
+    resp = httpx.post(f"{url}/alerts/{source}", content=raw,
+                      headers=signed_headers(source, raw, settings), timeout=10)
     assert resp.status_code == 202, resp.text
     return resp.json()
 
@@ -94,14 +96,30 @@ def test_resolve_while_waiting_for_approval_stands_down(gateway, healthy_web):
         while not client.read_flow_run(inc.flow_run_id).state.is_paused():
             assert time.monotonic() < deadline, "never paused for the rollback approval"
             time.sleep(0.5)
-    time.sleep(1.5)  # the form's schema is saved just after the pause
+        keyset = keyset_from_paused_state(client.read_flow_run(inc.flow_run_id).state)
     body["status"] = body["alerts"][0]["status"] = "resolved"
-    _post(gateway, body)
+    # Grafana resolving an alert with the same labels is not the alert that opened the incident
+    other = _post(gateway, body, source="grafana")["intake"]["alerts"][0]
+    assert other["disposition"] == "resolved-unknown" and other["incident_id"] is None, other
+    resolved = _post(gateway, body)["intake"]["alerts"][0]
+    assert resolved["disposition"] == "resolved" and resolved["incident_id"] == incident_id
     inc = _incident(gateway, incident_id, lambda i: i.status == "closed")
-    assert inc.outcome == "Resolved Without Action"
+    # stood down before the rollback; the restart before the pause had changed the target, so
+    # the run ends "resolved" (Completed), not "resolved without action" (incident/kit.py)
+    assert inc.outcome == "Completed", inc
     container = lab.docker_client().containers.get(lab.info.container_name)
-    assert container.image.tags[0] == "lab-web:broken", "standing down must change nothing"
-    assert "| rollback_container | stood down | human |" in _report(incident_id)
+    assert container.image.tags[0] == "lab-web:broken", "standing down must not roll back"
+    assert "stood down before rollback_container" in _report(incident_id)
+    with get_client(sync_client=True) as client:
+        answer = json.loads(client.read_flow_run_input(inc.flow_run_id, keyset["response"]))
+    assert answer == stand_down_input("alertmanager"), "the gateway answered the form, as itself"
+    assert "| rollback_container | stood down | alert-gateway (alertmanager resolved) |" in _report(incident_id)
+
+
+def test_stand_down_input_names_the_gateway_not_a_human():
+    assert stand_down_input("sentry") == {
+        "decision": "stand-down", "approver": "alert-gateway (sentry resolved)",
+        "reason": "alert resolved (sentry) while waiting for approval: resolved without action"}
 
 
 def _accept_without_dispatch(store: AlertStore, instance: str):
@@ -125,6 +143,7 @@ def test_restarted_gateway_finishes_what_the_last_one_left_open(deployed, health
     from prefect.states import Pending, Running
 
     from deployments.stack import free_port
+    from gateway.models import SOURCES
     from gateway.settings import GatewaySettings
     from gateway.__main__ import serving
 
@@ -144,7 +163,7 @@ def test_restarted_gateway_finishes_what_the_last_one_left_open(deployed, health
         client.set_flow_run_state(orphan_run, Running(), force=True)
     store.close()
 
-    settings = GatewaySettings(port=free_port(), store=store_path)
+    settings = GatewaySettings(port=free_port(), store=store_path, insecure_sources=list(SOURCES))
     with serving(settings) as url:
         started = _incident((settings, url), never_started.incident_id, lambda i: i.status == "closed")
         executed = _incident((settings, url), never_executed.incident_id, lambda i: i.status == "closed")

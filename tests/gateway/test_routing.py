@@ -11,7 +11,12 @@ from gateway.models import Alert, Severity
 from gateway.routing import Router
 from gateway.sources import PARSERS
 from incident.settings import REPO_ROOT
-from tests.gateway.conftest import payload
+from tests.gateway.conftest import payload, write_inventory
+
+
+@pytest.fixture(autouse=True)
+def _inventory(test_inventory):
+    """The router checks targets against this inventory (RUNBOOKS_INVENTORY)."""
 
 
 def am_alert(labels: dict[str, str], status: str = "firing") -> Alert:
@@ -110,6 +115,11 @@ routes:
     ("routes: [{name: a, match: {source: nagios}, scenario: a/b, target: t}]", "source"),
     ("routes: [{name: a, match: {}, scenario: a/b, target: t, severity: P9}]", "severity"),
     ("routes: [{name: a, match: {}, scenario: a/b, target: t, typo: 1}]", "typo"),
+    ("routes: [{name: a, match: {}, scenario: a/b, target: t, targets: ['web; rm']}]", "not a service name"),
+    ("routes: [{name: a, match: {}, scenario: a/b, target: t, targets: ['=~(']}]", "invalid regex"),
+    ("routes: [{name: a, match: {}, scenario: a/b, target: t, sources: [nagios]}]", "sources"),
+    ("routes: [{name: a, match: {}, scenario: a/b, target: '{labels.x}', target_default: 'a b'}]",
+     "target_default"),
 ])
 def test_invalid_routes_file_is_explained(text, message):
     with pytest.raises(RoutesFileError, match=message):
@@ -119,3 +129,54 @@ def test_invalid_routes_file_is_explained(text, message):
 def test_missing_routes_file(tmp_path):
     with pytest.raises(RoutesFileError, match="RUNBOOKS_GATEWAY_ROUTES_FILE"):
         Router.from_file(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("service", ["web; touch /tmp/x", "$(touch /tmp/x)", "web\nweb", "../web", "web x",
+                                     "-web", "a" * 200])
+def test_a_target_that_is_not_a_service_name_is_unrouted(repo_router, service):
+    decision = repo_router.route(am_alert({"alertname": "ServiceDown", "service": service}))
+    assert not decision.routed and decision.scenario is None and decision.target is None
+    assert "not a service name" in decision.reason and "no run started" in decision.reason
+
+
+def test_a_target_missing_from_the_inventory_is_unrouted(repo_router, test_inventory):
+    decision = repo_router.route(am_alert({"alertname": "ServiceDown", "service": "payments"}))
+    assert not decision.routed and decision.target is None
+    assert "'payments'" in decision.reason and "not a service of the inventory" in decision.reason
+    assert str(test_inventory) in decision.reason and "known: api, " in decision.reason
+
+
+def test_targets_are_checked_against_the_inventory_file_as_it_changes(tmp_path):
+    inventory = write_inventory(tmp_path / "inventory.yaml", ["web"])
+    router = Router.from_file(REPO_ROOT / "routes.yaml", inventory=inventory)
+    alert = am_alert({"alertname": "ServiceDown", "service": "api"})
+    assert not router.route(alert).routed
+    write_inventory(inventory, ["web", "api", "extra-service-to-change-the-size"])
+    assert router.route(alert).routed and router.route(alert).target == "api"
+    inventory.unlink()
+    decision = router.route(alert)
+    assert not decision.routed and "the inventory cannot be read" in decision.reason
+    assert "RUNBOOKS_INVENTORY" in decision.reason
+
+
+def test_a_route_lists_the_sources_and_targets_it_accepts():
+    router = Router.from_yaml("""
+routes:
+  - name: restart-web-only
+    match: {labels: {alertname: ServiceDown}}
+    sources: [alertmanager]
+    targets: [web, "=~svc-[0-9]+"]
+    scenario: service-down/service-down
+    target: "{labels.service}"
+  - {name: later, match: {}, scenario: other/other, target: web}
+""")
+    assert router.route(am_alert({"alertname": "ServiceDown", "service": "web"})).routed
+    assert router.route(am_alert({"alertname": "ServiceDown", "service": "svc-7"})).routed
+    refused = router.route(am_alert({"alertname": "ServiceDown", "service": "api"}))  # in the inventory
+    assert not refused.routed and refused.rule == "restart-web-only", "refused, not passed to a later rule"
+    assert "does not accept the target 'api'" in refused.reason and "targets" in refused.reason
+    grafana = {"status": "firing", "alerts": [{"status": "firing", "startsAt": "2024-05-01T10:00:00Z",
+                                               "labels": {"alertname": "ServiceDown", "service": "web"}}]}
+    [alert] = PARSERS["grafana"](json.dumps(grafana).encode(), {})
+    decision = router.route(alert)
+    assert not decision.routed and "does not accept alerts from grafana" in decision.reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 
 import pytest
 from pydantic import SecretStr
@@ -47,14 +48,40 @@ def test_grafana_good_signature():
     verify_grafana(GRAFANA, {"x-grafana-alerting-signature": sign(GRAFANA).upper()}, S)
 
 
+def grafana_headers(ts: str, body: bytes = GRAFANA) -> dict[str, str]:
+    return {"X-Grafana-Alerting-Signature": sign(f"{ts}:".encode() + body),
+            "X-Grafana-Alerting-Signature-Timestamp": ts}
+
+
 def test_grafana_timestamped_signature():
-    ts = "1711706470"
-    headers = {"X-Grafana-Alerting-Signature": sign(f"{ts}:".encode() + GRAFANA),
-               "X-Grafana-Alerting-Signature-Timestamp": ts}
+    ts = str(int(time.time()))
+    headers = grafana_headers(ts)
     verify_grafana(GRAFANA, headers, S)
-    headers["X-Grafana-Alerting-Signature-Timestamp"] = "1711706471"  # replayed with new ts
+    headers["X-Grafana-Alerting-Signature-Timestamp"] = str(int(ts) + 1)  # replayed with new ts
     with pytest.raises(AuthError, match="does not match the body and timestamp"):
         verify_grafana(GRAFANA, headers, S)
+
+
+NOW = 1_790_000_000.0
+
+
+@pytest.mark.parametrize("offset, message", [(-301, "301 s old"), (-86400 * 365, "old"),
+                                             (301, "301 s in the future")])
+def test_grafana_stale_or_future_timestamp_is_a_replay(offset, message):
+    """Correctly signed, but signed too long ago (or ahead): replayed or delayed; refused."""
+    headers = grafana_headers(str(int(NOW + offset)))
+    with pytest.raises(AuthError, match=message) as exc:
+        verify_grafana(GRAFANA, headers, S, max_age_s=300, now=NOW)
+    assert "RUNBOOKS_GATEWAY_SIGNATURE_MAX_AGE_S" in str(exc.value)
+    verify_grafana(GRAFANA, grafana_headers(str(int(NOW - 299))), S, max_age_s=300, now=NOW)
+    verify_grafana(GRAFANA, headers, S, max_age_s=abs(offset) + 1, now=NOW)  # the setting decides
+
+
+@pytest.mark.parametrize("ts", ["", "1e9", "-5", "2026-01-01T00:00:00Z", "17900000000000", "\u00b2",
+                                "\u0661\u0667\u0669\u0660", "9" * 400])
+def test_grafana_timestamp_must_be_unix_seconds(ts):
+    with pytest.raises(AuthError, match="Signature-Timestamp"):
+        verify_grafana(GRAFANA, grafana_headers(ts), S, now=NOW)
 
 
 @pytest.mark.parametrize("headers, message", [
@@ -75,13 +102,38 @@ def test_grafana_signature_covers_every_byte():
         verify_grafana(tampered, {"X-Grafana-Alerting-Signature": sign(GRAFANA)}, S)
 
 
+def sentry_headers(ts: float, body: bytes = SENTRY) -> dict[str, str]:
+    return {"Sentry-Hook-Signature": sign(body), "Sentry-Hook-Timestamp": str(int(ts))}
+
+
 def test_sentry_signature():
-    verify_sentry(SENTRY, {"Sentry-Hook-Signature": sign(SENTRY)}, S)
+    verify_sentry(SENTRY, sentry_headers(time.time()), S)
     with pytest.raises(AuthError, match="Sentry-Hook-Signature is missing"):
         verify_sentry(SENTRY, {}, S)
     with pytest.raises(AuthError, match="does not match") as exc:
-        verify_sentry(SENTRY + b" ", {"Sentry-Hook-Signature": sign(SENTRY)}, S)
+        verify_sentry(SENTRY + b" ", sentry_headers(time.time()), S)
     assert_no_secret(exc, sign(SENTRY + b" "))
+
+
+def test_sentry_timestamp_is_required_and_fresh():
+    with pytest.raises(AuthError, match="Sentry-Hook-Timestamp is missing"):
+        verify_sentry(SENTRY, {"Sentry-Hook-Signature": sign(SENTRY)}, S, now=NOW)
+    with pytest.raises(AuthError, match="Sentry-Hook-Timestamp is 600 s old"):
+        verify_sentry(SENTRY, sentry_headers(NOW - 600), S, now=NOW)
+    with pytest.raises(AuthError, match="Sentry-Hook-Timestamp is 600 s in the future"):
+        verify_sentry(SENTRY, sentry_headers(NOW + 600), S, now=NOW)
+    verify_sentry(SENTRY, sentry_headers(NOW - 60), S, now=NOW)
+
+
+def test_stale_timestamps_are_refused_through_the_settings():
+    settings = GatewaySettings(grafana_secret=SECRET, sentry_client_secret=SECRET, signature_max_age_s=60)
+    stale = str(int(time.time()) - 120)
+    with pytest.raises(AuthError, match="120 s old, more than 60 s"):
+        authenticate("grafana", GRAFANA, grafana_headers(stale), settings)
+    with pytest.raises(AuthError, match="more than 60 s"):
+        authenticate("sentry", SENTRY, sentry_headers(int(stale)), settings)
+    authenticate("grafana", GRAFANA, grafana_headers(str(int(time.time()))), settings)
+    assert GatewaySettings().signature_max_age_s == 300
 
 
 def test_pagerduty_single_and_multiple_signatures():
@@ -151,7 +203,7 @@ def test_cloudevents_bearer():
 def test_authenticate_dispatch_uses_settings():
     settings = GatewaySettings(sentry_client_secret=SECRET, opsgenie_secret=SECRET,
                                opsgenie_secret_header="X-Og")
-    authenticate("sentry", SENTRY, {"Sentry-Hook-Signature": sign(SENTRY)}, settings)
+    authenticate("sentry", SENTRY, sentry_headers(time.time()), settings)
     authenticate("grafana", GRAFANA, {}, settings)  # no grafana secret: not verified
     with pytest.raises(AuthError):
         authenticate("opsgenie", b"{}", {"X-Opsgenie-Secret": SECRET}, settings)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+
+import pytest
 
 from gateway.__main__ import service_down_alert
 from gateway.models import Delivery
@@ -12,8 +16,14 @@ from gateway.routing import Router
 from gateway.sources import PARSERS
 from gateway.store import AlertStore
 from incident.settings import REPO_ROOT
+from tests.gateway.conftest import payload
 
 ROUTER = Router.from_file(REPO_ROOT / "routes.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _inventory(test_inventory):
+    """The router checks targets against this inventory (RUNBOOKS_INVENTORY)."""
 
 
 def _alerts(service="web", status="firing", starts_at=None):
@@ -23,9 +33,13 @@ def _alerts(service="web", status="firing", starts_at=None):
     return PARSERS["alertmanager"](json.dumps(body).encode(), {})
 
 
-def _deliver(store, alerts):
-    delivery = Delivery(source="alertmanager", received_at=datetime.now(timezone.utc))
-    return store.record_delivery(delivery, alerts, ROUTER.route_all(alerts))
+def _deliver(store, alerts, router=ROUTER, at=None):
+    delivery = Delivery(source=alerts[0].source, received_at=at or datetime.now(timezone.utc))
+    return store.record_delivery(delivery, alerts, router.route_all(alerts))
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_one_incident_per_episode_and_resolve_lands_on_it(tmp_path):
@@ -72,3 +86,200 @@ def test_concurrent_storm_opens_exactly_one_incident_per_alert(tmp_path):
     assert len({o.incident.incident_id for o in opened}) == 200
     assert sum(o.disposition == "duplicate" for o in outcomes) == 800
     assert len(store.recent_alerts(2000)) == 1000, "every delivery is recorded"
+
+
+ANY_SOURCE = Router.from_yaml("routes: [{name: any, match: {}, scenario: any/any, target: web}]")
+
+
+def _sentry_issue(action: str):
+    doc = json.loads(payload("sentry/zulip_issue_created_for_exception.json"))
+    doc["action"] = action
+    return PARSERS["sentry"](json.dumps(doc).encode(), {})
+
+
+def _pagerduty(event_type: str):
+    doc = json.loads(payload("pagerduty/zulip_triggered_v3.json"))
+    doc["event"]["event_type"] = event_type
+    return PARSERS["pagerduty"](json.dumps(doc).encode(), {})
+
+
+@pytest.mark.parametrize("alert_in", [
+    {"firing": lambda: _sentry_issue("created"), "resolved": lambda: _sentry_issue("resolved"),
+     "regressed": lambda: _sentry_issue("unresolved")},
+    {"firing": lambda: _pagerduty("incident.triggered"), "resolved": lambda: _pagerduty("incident.resolved"),
+     "regressed": lambda: _pagerduty("incident.reopened")},
+], ids=["sentry-unresolved", "pagerduty-reopened"])
+def test_a_regression_after_a_resolve_opens_a_new_incident(tmp_path, alert_in):
+    store = AlertStore(tmp_path / "a.db")
+    first = _deliver(store, alert_in["firing"](), ANY_SOURCE)[0]
+    assert first.disposition == "opened"
+    store.close_incident(first.incident.incident_id, "Completed")
+    assert _deliver(store, alert_in["resolved"](), ANY_SOURCE)[0].disposition == "resolved"
+    regressed = _deliver(store, alert_in["regressed"](), ANY_SOURCE)[0]
+    assert regressed.disposition == "opened", regressed.reason
+    assert regressed.incident.incident_id != first.incident.incident_id
+    assert regressed.incident.episode_key == first.incident.episode_key
+    assert _deliver(store, alert_in["regressed"](), ANY_SOURCE)[0].disposition == "duplicate"
+    again = _deliver(store, alert_in["resolved"](), ANY_SOURCE)[0]
+    assert again.disposition == "resolved" and again.incident.incident_id == regressed.incident.incident_id
+    assert _deliver(store, alert_in["resolved"](), ANY_SOURCE)[0].disposition == "duplicate"
+
+
+def test_a_regression_while_the_incident_is_still_open_is_attached(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    first = _deliver(store, _sentry_issue("created"), ANY_SOURCE)[0]
+    _deliver(store, _sentry_issue("resolved"), ANY_SOURCE)
+    regressed = _deliver(store, _sentry_issue("unresolved"), ANY_SOURCE)[0]
+    assert regressed.disposition == "attached" and regressed.incident.incident_id == first.incident.incident_id
+
+
+def test_a_resolve_from_another_source_does_not_touch_the_incident(tmp_path):
+    """Grafana and Alertmanager alerts with the same labels share a fingerprint; a Grafana
+    resolve must not resolve (nor stand down) what Alertmanager opened."""
+    store = AlertStore(tmp_path / "a.db")
+    t0 = "2026-11-23T03:00:00Z"
+    opened = _deliver(store, _alerts(starts_at=t0))[0]
+    grafana_body = service_down_alert("web", "resolved")
+    grafana_body["alerts"][0]["startsAt"] = t0
+    [grafana] = PARSERS["grafana"](json.dumps(grafana_body).encode(), {})
+    assert grafana.fingerprint == opened.alert.fingerprint
+    other = _deliver(store, [grafana])[0]
+    assert other.disposition == "resolved-unknown" and other.incident is None
+    assert "grafana" in other.reason
+    assert store.incident(opened.incident.incident_id).resolved_at is None
+    mine = _deliver(store, _alerts(status="resolved", starts_at=t0))[0]
+    assert mine.disposition == "resolved" and mine.incident.incident_id == opened.incident.incident_id
+
+
+def test_a_bad_or_unknown_target_is_unrouted_and_opens_nothing(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    for service, why in (("web; touch /tmp/x", "not a service name"),
+                         ("payments", "not a service of the inventory")):
+        out = _deliver(store, _alerts(service=service))[0]
+        assert out.disposition == "unrouted" and out.incident is None and why in out.reason
+        assert store.recent_alerts(1)[0]["reason"] == out.reason
+    assert store.counts()["incidents"] == 0 and store.open_incidents() == []
+
+
+def test_the_store_is_private(tmp_path):
+    path = tmp_path / "state" / "gateway" / "alerts.db"
+    store = AlertStore(path)
+    _deliver(store, _alerts())
+    assert _mode(path.parent) == 0o700
+    for f in (path, path.with_name("alerts.db-wal"), path.with_name("alerts.db-shm")):
+        assert _mode(f) == 0o600, f
+    store.close()
+    path.parent.chmod(0o755)  # made by an older gateway, say
+    path.chmod(0o644)
+    AlertStore(path).close()
+    assert (_mode(path.parent), _mode(path)) == (0o700, 0o600)
+
+
+def test_the_store_keeps_no_payload_fields_beyond_the_normalised_alert(tmp_path):
+    path = tmp_path / "a.db"
+    body = service_down_alert()
+    body["alerts"][0]["labels"]["team"] = "LABEL-KEPT-4711"
+    body["alerts"][0]["annotations"]["description"] = "ANNOTATION-DROPPED-1"
+    body["alerts"][0]["x_vendor_token"] = "UNKNOWN-FIELD-DROPPED-2"
+    body["receiver"] = "GROUP-FIELD-DROPPED-3"
+    alerts = PARSERS["alertmanager"](json.dumps(body).encode(), {})
+    assert alerts[0].extra["x_vendor_token"] == "UNKNOWN-FIELD-DROPPED-2"  # the parser keeps it ...
+    store = AlertStore(path)
+    opened = _deliver(store, alerts)[0]
+    assert store.first_alert(opened.incident.incident_id).labels["team"] == "LABEL-KEPT-4711"
+    store.close()  # checkpoints the WAL into the file
+    raw = b"".join(f.read_bytes() for f in tmp_path.iterdir())
+    assert b"LABEL-KEPT-4711" in raw  # ... the store sees the text it keeps
+    for dropped in (b"ANNOTATION-DROPPED-1", b"UNKNOWN-FIELD-DROPPED-2", b"GROUP-FIELD-DROPPED-3"):
+        assert dropped not in raw
+
+
+def test_retention_prunes_old_rows_but_keeps_open_incidents_and_live_dedup_keys(tmp_path):
+    now = datetime.now(timezone.utc)
+    store = AlertStore(tmp_path / "a.db", retention_days=30)
+    t0 = "2026-01-01T00:00:00Z"
+    opened = _deliver(store, _alerts(service="web", starts_at=t0))[0]
+    closed = _deliver(store, _alerts(service="api", starts_at=t0))[0]
+    forgotten = _deliver(store, _alerts(service="svc-1", starts_at=t0))[0]
+    for out in (closed, forgotten):
+        store.close_incident(out.incident.incident_id, "Completed")
+    unrouted = _deliver(store, _alerts(service="payments"))[0]
+    assert unrouted.disposition == "unrouted"
+    # 50 days later the closed incident's alert is still being redelivered: its key is refreshed
+    later = now + timedelta(days=50)
+    assert _deliver(store, _alerts(service="api", starts_at=t0), at=later)[0].disposition == "duplicate"
+
+    store.prune(now + timedelta(days=61))  # everything from `now` is past the 30 days
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE received_at < ?",
+                          (later.isoformat(),)).fetchone()[0] == 1, "only the open incident's delivery"
+    rows = store.recent_alerts(100)
+    assert sorted((r["disposition"], r["incident_id"] or "") for r in rows) == [
+        ("duplicate", ""), ("opened", opened.incident.incident_id)], "the later duplicate and the open incident"
+    assert store.first_alert(opened.incident.incident_id).labels["service"] == "web", \
+        "an open incident keeps its alerts: a restart needs them"
+    assert store.incident(closed.incident.incident_id) is not None
+    assert store.incident(forgotten.incident.incident_id) is None
+    assert _deliver(store, _alerts(service="web", starts_at=t0))[0].disposition == "duplicate", \
+        "an open incident's episode keys are kept"
+    assert _deliver(store, _alerts(service="api", starts_at=t0))[0].disposition == "duplicate", \
+        "a key still being redelivered is kept"
+    assert _deliver(store, _alerts(service="svc-1", starts_at=t0))[0].disposition == "opened", \
+        "silent for the whole retention period: forgotten"
+    assert AlertStore(tmp_path / "b.db").retention == timedelta(days=30)
+
+
+SCHEMA_1 = """
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, received_at TEXT NOT NULL, source TEXT NOT NULL,
+    delivery_id TEXT, remote_addr TEXT, alerts INTEGER NOT NULL);
+CREATE TABLE alerts (id INTEGER PRIMARY KEY, delivery INTEGER NOT NULL REFERENCES deliveries(id),
+    received_at TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    episode_key TEXT NOT NULL, dedup_key TEXT NOT NULL, service TEXT, severity TEXT, summary TEXT,
+    disposition TEXT NOT NULL, incident_id TEXT, route TEXT, reason TEXT, body TEXT NOT NULL);
+CREATE TABLE seen (dedup_key TEXT PRIMARY KEY);
+CREATE TABLE incidents (incident_id TEXT PRIMARY KEY, episode_key TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL, scenario TEXT NOT NULL, target TEXT NOT NULL, severity TEXT NOT NULL,
+    status TEXT NOT NULL, opened_at TEXT NOT NULL, resolved_at TEXT, closed_at TEXT, outcome TEXT,
+    flow_run_id TEXT);
+CREATE UNIQUE INDEX one_open_incident_per_alert ON incidents(fingerprint) WHERE status = 'open';
+CREATE INDEX alerts_by_time ON alerts(received_at);
+"""
+
+
+def test_a_store_of_the_previous_schema_is_migrated_without_its_payloads(tmp_path):
+    path = tmp_path / "a.db"
+    body = service_down_alert()
+    body["alerts"][0]["x_vendor_token"] = "UNKNOWN-FIELD-DROPPED-2"
+    [alert] = PARSERS["alertmanager"](json.dumps(body).encode(), {})
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_1)
+        db.execute("INSERT INTO deliveries VALUES (1, '2026-11-01T00:00:00+00:00', 'alertmanager', NULL, NULL, 1)")
+        db.execute("INSERT INTO alerts VALUES (1, 1, '2026-11-01T00:00:00+00:00', 'alertmanager', 'firing', ?,"
+                   " ?, ?, 'web', 'P0', 's', 'opened', 'INC-1', 'service-down', '', ?)",
+                   (alert.fingerprint, alert.episode_key, alert.dedup_key, alert.model_dump_json()))
+        db.execute("INSERT INTO seen VALUES (?)", (alert.dedup_key,))
+        db.execute("INSERT INTO incidents (incident_id, episode_key, fingerprint, scenario, target, severity,"
+                   " status, opened_at) VALUES ('INC-1', ?, ?, 'service-down/service-down', 'web', 'P0',"
+                   " 'open', '2026-11-01T00:00:00+00:00')", (alert.episode_key, alert.fingerprint))
+    store = AlertStore(path)
+    [inc] = store.open_incidents()
+    assert (inc.incident_id, inc.source) == ("INC-1", "alertmanager")
+    assert store.first_alert("INC-1").labels == alert.labels
+    assert _deliver(store, [alert])[0].disposition == "duplicate"
+    store.close()
+    assert b"UNKNOWN-FIELD-DROPPED-2" not in b"".join(f.read_bytes() for f in tmp_path.iterdir())
+
+
+def test_a_deeply_nested_payload_field_never_reaches_the_store(tmp_path):
+    body = service_down_alert()
+    nested: dict = {}
+    cur = nested
+    for _ in range(400):
+        cur["a"] = {}
+        cur = cur["a"]
+    body["receiver"] = nested  # kept in the parsed alert's extra, as the sender sent it
+    alerts = PARSERS["alertmanager"](json.dumps(body).encode(), {})
+    store = AlertStore(tmp_path / "a.db")
+    out = _deliver(store, alerts)[0]
+    assert out.disposition == "opened"
+    assert store.first_alert(out.incident.incident_id).extra == {}
