@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events import emit_event
 from prefect.flows import load_flow_from_entrypoint
 
-from deployments.stack import WORK_POOL, prefect_env, start_worker, stop_pid
+from deployments.stack import WORK_POOL, deploy_all, prefect_env, start_worker, stop_pid
 from gateway.intake import DISPATCH_EVENT
 from incident.settings import REPO_ROOT
 from tasks.http_checks import check_health
@@ -37,6 +37,8 @@ def test_entrypoint_and_parameters_resolve(deployment):
 def test_automation_path_heals_killed_container_through_a_worker(deployed, healthy_web, state_dir):
     """Prefect's default path: dispatch event -> prefect.yaml trigger -> worker -> flow."""
     env = prefect_env(state_dir / "prefect", deployed)
+    # the triggers are live only when deployed for automation dispatch (off by default)
+    deploy_all({**env, "RUNBOOKS_GATEWAY_DISPATCH": "automation"})
     worker = start_worker(env, state_dir)
     incident_id = f"INC-AUTO-{uuid.uuid4().hex[:8]}"
     try:
@@ -64,3 +66,4 @@ def test_automation_path_heals_killed_container_through_a_worker(deployed, healt
         assert check_health(healthy_web.info.health_url, timeout_s=2).status_code == 200
     finally:
         stop_pid(worker)
+        deploy_all({**env, "RUNBOOKS_GATEWAY_DISPATCH": "runner"})  # the session's default again
