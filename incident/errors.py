@@ -73,5 +73,6 @@ class VerificationFailedError(NeedsHumanError):
     """The service did not prove healthy after remediation; a human must take over."""
 
 
-class ApprovalTimedOutError(RunbookError):
-    """Nobody approved or rejected a destructive step in time; nothing was changed."""
+class ApprovalTimedOutError(NeedsHumanError):
+    """Nobody approved or rejected a destructive step in time; the step did not run (the message
+    says what the run had changed before it)."""

@@ -8,37 +8,45 @@ and later the PagerDuty / Opsgenie / Slack integrations, hang off it) and, when
 from __future__ import annotations
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from incident.errors import TargetUnreachableError
-from incident.record import Incident
+from incident.record import Incident, IncidentRecord
 from incident.settings import get_settings
 
 ESCALATED_EVENT = "runbooks.incident.escalated"
 
 
 class EscalationNotice(BaseModel):
-    """What an escalation says, as the event payload and the webhook's JSON body."""
+    """What an escalation says, as the event payload and the webhook's JSON body.
+
+    One schema whoever sends it (a run, its failure hook, the gateway's recovery): build it
+    with ``of`` from the incident record, so ``scenario`` is the flow's scenario name and
+    ``environment`` the inventory's, never a deployment name or a blank.
+    """
 
     incident_id: str
     scenario: str
     target: str
-    environment: str = ""
-    severity: str = ""
+    environment: str
+    severity: str
     reason: str
     flow_run_id: str = ""
+    outcome: str = Field(description="the record's outcome when it escalated: open, failed, ...")
+
+    @classmethod
+    def of(cls, record: IncidentRecord, reason: str, flow_run_id: object = "") -> EscalationNotice:
+        return cls(incident_id=record.incident_id, scenario=record.scenario, target=record.target,
+                   environment=record.environment, severity=record.severity.value, reason=reason,
+                   flow_run_id=str(flow_run_id or ""), outcome=record.outcome)
 
 
 def escalate(incident: Incident, reason: str) -> None:
     """Inside a flow: mark the record escalated and hand the incident to humans."""
-    rec = incident.record
     incident.escalated(reason)
-    send_escalation(EscalationNotice(
-        incident_id=rec.incident_id, scenario=rec.scenario, target=rec.target,
-        environment=rec.environment, severity=rec.severity.value, reason=reason,
-        flow_run_id=str(flow_run.get_id() or "")))
+    send_escalation(EscalationNotice.of(incident.record, reason, flow_run.get_id()))
 
 
 def send_escalation(notice: EscalationNotice) -> None:

@@ -27,8 +27,10 @@ every scenario flow takes ``target`` (inventory service), ``dry_run``, ``trigger
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Generic, NoReturn, TypeVar
+from uuid import UUID
 
 from prefect import Flow, Task, flow
 from prefect.client.schemas.objects import FlowRun
@@ -38,9 +40,10 @@ from pydantic import BaseModel, ConfigDict
 
 from incident.approval import ActionPlan, request_approval
 from incident.errors import ConfigurationError, NeedsHumanError, RunbookError
-from incident.escalation import escalate
+from incident.escalation import EscalationNotice, escalate, send_escalation
 from incident.inventory import Target, load_target
-from incident.record import Incident, Trigger, open_incident
+from incident.record import (Incident, Outcome, Trigger, close_from_outside, load_record,
+                             open_incident)
 from tasks.common import CHANGING_TAG, ActionResult
 
 R = TypeVar("R", bound=ActionResult)
@@ -86,6 +89,23 @@ Guardrail = Callable[[Incident, Target, ActionPlan], "str | None"]
 GUARDRAILS: list[Guardrail] = []
 
 
+class _QuietIntendedFailures(logging.Filter):
+    """A run that ends Failed on purpose (it escalated and closed its record, then raised a
+    ``NeedsHumanError``) is logged by Prefect's engine as an ERROR with a traceback, as if the
+    code had broken. This filter turns those lines into one INFO line saying what happened;
+    real errors keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, NeedsHumanError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"the run ends Failed on purpose, handed to humans: {exc}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_QuietIntendedFailures())
+
 #: The open incident of each flow run of this process, for the state hooks below.
 _LIVE: dict[str, Incident] = {}
 
@@ -94,7 +114,8 @@ def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., St
     """``@runbook_flow(SCENARIO)``: the Prefect flow of a scenario, named after it, whose record
     is closed and escalated whatever ends the run (see ``close_stopped_run``)."""
     return flow(name=scenario, log_prints=False, on_failure=[close_stopped_run],
-                on_crashed=[close_stopped_run], on_completion=[_forget_run])
+                on_crashed=[close_stopped_run], on_cancellation=[close_stopped_run],
+                on_completion=[_forget_run])
 
 
 def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str | None,
@@ -109,22 +130,46 @@ def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str 
 
 
 def close_stopped_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    """State hook (Failed, Crashed): a run that stopped on an unexpected error still ends with a
-    closed, true record - what it saw, what it changed and what not - and an escalation.
+    """State hook (Failed, Crashed, Cancelled): a run that stopped on an unexpected error still
+    ends with a closed, true record - what it saw, what it changed and what not - and an
+    escalation.
 
     Runs that failed on purpose (``escalate_and_fail``, an approval timeout) closed their record
-    already: nothing more is done for them.
+    already: nothing more is done for them. A hook running outside the run's process (a
+    cancellation handled by the runner) closes the saved record instead.
     """
+    why = f"the run stopped unexpectedly ({state.name}: {state.message or 'no message'})"
     incident = _LIVE.pop(str(flow_run.id), None)
-    if incident is None or incident.record.outcome != "open":
+    if incident is None:  # another process, or the run stopped before it opened its record
+        params = flow_run.parameters or {}
+        close_run_from_outside(flow_run.id, why, fallback=EscalationNotice(
+            incident_id=str(params.get("incident_id") or flow_run.name), scenario=flow.name,
+            target=str(params.get("target") or "unknown"), environment="unknown",
+            severity="unknown", reason=f"{why}; this run changed nothing (no record was opened)",
+            flow_run_id=str(flow_run.id), outcome="failed"))
         return
-    changed = [f"{a.action} on {a.target}" for a in incident.record.actions if a.changed]
-    what = (f"it changed: {'; '.join(changed)}" if changed else "it changed nothing")
-    why = (f"the run stopped unexpectedly ({state.name}: {state.message or 'no message'}) in phase "
-           f"{incident.record.timeline[-1].phase if incident.record.timeline else 'detect'}; {what}; "
-           "check the target by hand")
+    if incident.record.outcome != "open":
+        return
+    rec = incident.record
+    why = (f"{why} in phase {rec.timeline[-1].phase if rec.timeline else 'detect'}; "
+           f"{rec.changes()}; check the target by hand")
     escalate(incident, why)
     incident.fail(why)
+
+
+def close_run_from_outside(flow_run_id: UUID, why: str,
+                           fallback: EscalationNotice | None = None) -> bool:
+    """Close and escalate the record of a run that cannot do it itself any more (killed with
+    its process, left by a gateway restart, cancelled from outside). ``fallback`` is sent when
+    the run never saved a record (it died before ``begin``). Returns whether it escalated."""
+    record = close_from_outside(flow_run_id, why)
+    if record is not None:
+        send_escalation(EscalationNotice.of(record, record.summary, flow_run_id))
+        return True
+    if fallback is not None and load_record(flow_run_id) is None:
+        send_escalation(fallback)
+        return True
+    return False
 
 
 def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -158,32 +203,42 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
             escalate(incident, f"{plan.action} on {plan.target} held back: {held}")
             return Step[R](taken=False, closing=incident.close(
                 "held back", f"{plan.action} was approved but held back ({held}); nothing changed"))
+    incident.record.in_progress = f"{plan.action} on {plan.target}"
+    incident.enter("fix", f"starting {plan.action} on {plan.target}")  # saved before it runs
     try:
         result = task(*args, **kwargs)
     except RunbookError as exc:
-        incident.note("fix", f"{plan.action} on {plan.target} failed: {exc.observed}")
+        incident.record.in_progress = None
+        incident.action(plan.action, plan.target, False, f"failed: {exc.observed}")
         raise
     except Exception as exc:
         incident.note("fix", f"{plan.action} on {plan.target} raised {type(exc).__name__}; "
                              "what it changed is unknown: check the target by hand")
         raise
+    incident.record.in_progress = None
     incident.action(result.action, result.target, result.changed, result.detail)
     return Step[R](taken=True, done=result)
 
 
 def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
-    """Close the incident after a step that was not approved; nothing was changed by it."""
+    """Close the incident after a step that was not approved: that step changed nothing, and
+    the summary says what earlier steps of the run did change."""
+    rec = incident.record
+    done = ("nothing changed" if not any(a.changed for a in rec.actions)
+            else f"{plan.action} did not run; before it, {rec.changes()}")
     if decision == "dry run":
-        return incident.close("dry run", f"would run {plan.action}: {plan.runs}; nothing changed")
+        return incident.close("dry run", f"would run {plan.action}: {plan.runs}; {done}")
     if decision == "stood down":
-        return incident.close("resolved without action",
-                              f"stood down before {plan.action}: the alert resolved; nothing changed")
-    return incident.close("not approved", f"{plan.action} was {decision}; nothing changed")
+        outcome: Outcome = "resolved" if any(a.changed for a in rec.actions) else "resolved without action"
+        return incident.close(outcome, f"stood down before {plan.action}: the alert resolved; {done}")
+    return incident.close("not approved", f"{plan.action} was {decision}; {done}")
 
 
 def escalate_and_fail(incident: Incident, why: str, expected: str = "the service healthy",
                       error: type[NeedsHumanError] = NeedsHumanError) -> NoReturn:
-    """Hand the incident to humans with what the run saw, and end the run Failed."""
+    """Hand the incident to humans with what the run saw and what it changed, and end the run
+    Failed."""
+    why = f"{why}; {incident.record.changes()}"
     escalate(incident, why)
     incident.fail(why)
     rec = incident.record

@@ -9,6 +9,7 @@ ends with a post-mortem skeleton following the runbooks' post-incident template.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Literal
 from uuid import UUID, uuid4
@@ -67,10 +68,14 @@ class ActionTaken(BaseModel):
 
 
 class ApprovalRecord(BaseModel):
-    at: datetime
+    """One decision on a changing step: when, on what, which decision, by whom and why."""
+
+    at: datetime = Field(description="when the decision was taken (UTC)")
     action: str
     decision: Literal["approved", "rejected", "timed out", "dry run", "stood down"]
-    by: str = Field(description="'human' (with the reason given), 'policy:<name>' or 'dry run'")
+    by: str = Field(description="who decided: the approver's name as given in the approval form "
+                                "(self-declared unless single sign-on fronts the UI), "
+                                "'policy:<name>', 'dry run' or 'nobody' (timed out)")
     reason: str | None = None
 
 
@@ -92,6 +97,9 @@ class IncidentRecord(BaseModel):
     approvals: list[ApprovalRecord] = []
     verification: str | None = None
     escalations: list[str] = []
+    in_progress: str | None = Field(
+        default=None, description="The changing step running now ('<action> on <target>'): "
+        "saved before the step starts, so a run that dies mid-step leaves a true record")
     alert_updates: list[str] = Field(
         default=[], description="Later notifications about the alert (re-fires, resolved), "
                                 "delivered to the run as flow run inputs by the alert gateway")
@@ -99,6 +107,26 @@ class IncidentRecord(BaseModel):
     @property
     def artifact_key(self) -> str:
         return artifact_key_for(self.incident_id)
+
+    @property
+    def tags(self) -> list[str]:
+        """The run's managed tags: incident, severity, scenario, service, env, outcome."""
+        tags = [f"incident:{self.incident_id}", f"severity:{self.severity.value}",
+                f"scenario:{self.scenario}", f"service:{self.target}", f"env:{self.environment}"]
+        if self.dry_run:
+            tags.append("dry-run")
+        if self.outcome != "open":
+            tags.append(f"outcome:{self.outcome.replace(' ', '-')}")
+        return tags
+
+    def changes(self) -> str:
+        """What this run changed and what not, in one true sentence (for closing messages)."""
+        changed = [f"{a.action} on {a.target} ({a.detail})" for a in self.actions if a.changed]
+        said = f"this run changed: {'; '.join(changed)}" if changed else "this run changed nothing"
+        if self.in_progress:
+            said += (f"; {self.in_progress} was started and did not report back: its effect is "
+                     "unknown, check the target")
+        return said
 
 
 def artifact_key_for(incident_id: str) -> str:
@@ -120,6 +148,7 @@ class Incident:
     def __init__(self, record: IncidentRecord) -> None:
         self.record = record
         self._logger = get_run_logger()
+        self._saved: str | None = None  # key of the saved copy of the record (save_record)
 
     # -- recording -------------------------------------------------------------------
     def enter(self, phase: Phase, event: str) -> None:
@@ -180,14 +209,7 @@ class Incident:
     # -- presentation ----------------------------------------------------------------
     @property
     def tags(self) -> list[str]:
-        r = self.record
-        tags = [f"incident:{r.incident_id}", f"severity:{r.severity.value}",
-                f"scenario:{r.scenario}", f"service:{r.target}", f"env:{r.environment}"]
-        if r.dry_run:
-            tags.append("dry-run")
-        if r.outcome != "open":
-            tags.append(f"outcome:{r.outcome.replace(' ', '-')}")
-        return tags
+        return self.record.tags
 
     def _log(self, phase: Phase, event: str, publish: bool = True) -> None:
         self.record.timeline.append(TimelineEntry(at=_now(), phase=phase, event=event))
@@ -206,13 +228,16 @@ class Incident:
         return self.record.alert_updates
 
     def publish(self) -> None:
+        """Republish the report artifact and save the record where a closer can find it."""
         self.alert_updates()
         create_markdown_artifact(
             markdown=render_report(self.record),
             key=self.record.artifact_key,
-            description=f"Incident report {self.record.incident_id} ({self.record.scenario} on "
-                        f"{self.record.target}): {self.record.outcome}",
+            description=_description(self.record),
         )
+        run_id = _run_id()
+        if run_id:
+            self._saved = save_record(run_id, self.record, self._saved)
 
 
 def _run_id() -> UUID | None:
@@ -224,9 +249,11 @@ def _run_id() -> UUID | None:
 _MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run")
 
 
-def _set_run(name: str | None = None, tags: list[str] | None = None) -> None:
-    """Rename/retag the flow run; tags set by others (deployment, gateway) are kept."""
-    run_id = _run_id()
+def _set_run(name: str | None = None, tags: list[str] | None = None,
+             run_id: UUID | None = None) -> None:
+    """Rename/retag the flow run (this one by default); tags set by others (deployment,
+    gateway) are kept."""
+    run_id = run_id or _run_id()
     if not run_id:
         return
     with get_client(sync_client=True) as client:
@@ -234,6 +261,58 @@ def _set_run(name: str | None = None, tags: list[str] | None = None) -> None:
             current = client.read_flow_run(run_id).tags
             tags = [t for t in current if not t.startswith(_MANAGED_TAGS)] + tags
         client.update_flow_run(run_id, name=name, tags=tags)
+
+
+def _description(r: IncidentRecord) -> str:
+    return f"Incident report {r.incident_id} ({r.scenario} on {r.target}): {r.outcome}"
+
+
+# -- the saved record: what a closer outside the run reads ---------------------------------
+RECORD_INPUT_PREFIX = "incident-record-"
+
+
+def save_record(flow_run_id: UUID, record: IncidentRecord, previous: str | None) -> str:
+    """Save the record as a flow run input of its run; the newest key wins, the previous copy
+    is deleted once the new one is stored (a crash in between leaves two, never none)."""
+    with get_client(sync_client=True) as client:
+        key = f"{RECORD_INPUT_PREFIX}{_now():%Y%m%d%H%M%S%f}"
+        client.create_flow_run_input(flow_run_id, key, record.model_dump_json(), sender="incident")
+        if previous:
+            client.delete_flow_run_input(flow_run_id, previous)
+    return key
+
+
+def load_record(flow_run_id: UUID) -> IncidentRecord | None:
+    """The newest saved record of a run, or None if the run never opened one."""
+    with get_client(sync_client=True) as client:
+        saved = client.filter_flow_run_input(flow_run_id, RECORD_INPUT_PREFIX, 100, set())
+    if not saved:
+        return None
+    newest = max(saved, key=lambda i: i.key)
+    return IncidentRecord.model_validate_json(newest.value)
+
+
+def close_from_outside(flow_run_id: UUID, why: str) -> IncidentRecord | None:
+    """Close the record of a run that can no longer close it itself (killed, crashed in another
+    process, left behind by a restart): outcome failed, ``why``, what the run changed and what
+    not, the report republished and the run retagged. Returns the record as closed, or None when
+    the run never opened one or had closed it already (nothing to do then)."""
+    record = load_record(flow_run_id)
+    if record is None or record.outcome != "open":
+        return None
+    summary = f"{why}; {record.changes()}"
+    record.outcome, record.summary, record.closed_at = "failed", summary, _now()
+    record.escalations.append(summary)
+    record.timeline.append(TimelineEntry(at=record.closed_at, phase="close", event=f"failed: {summary}"))
+    with get_client(sync_client=True) as client:
+        updates = client.filter_flow_run_input(flow_run_id, ALERT_UPDATE_PREFIX, 100, set())
+        record.alert_updates = [i.decoded_value for i in sorted(updates, key=lambda i: str(i.created))]
+        client.create_artifact(ArtifactCreate(
+            key=record.artifact_key, type="markdown", data=render_report(record),
+            description=_description(record), flow_run_id=flow_run_id))
+    save_record(flow_run_id, record, None)
+    _set_run(tags=record.tags, run_id=flow_run_id)
+    return record
 
 
 def open_incident(
@@ -268,8 +347,19 @@ def _t(at: datetime | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S UTC") if at else "-"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+_MARKDOWN = re.compile(r"([\\`\[\]<>|])")
+
+
+def _md(text: str) -> str:
+    """Text from outside (alert summaries, labels, links, reasons, error messages) as plain
+    text in markdown, on one line, with what could make markup escaped (backslash, backtick,
+    brackets, angle brackets, pipe): nothing an alert says can add a link, an image, HTML, a
+    code span or a table cell to the report. Emphasis characters are left (harmless, and
+    paths and globs stay readable)."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(text.splitlines()))
+
+
+_cell = _md
 
 
 ALERT_UPDATES_HEADING = "## Alert updates"
@@ -286,15 +376,15 @@ def render_report(r: IncidentRecord) -> str:
         f"**Duration:** {int(duration.total_seconds())} s",
         "",
         "## Trigger",
-        f"- kind: {r.trigger.kind}; source: {r.trigger.source or '-'}",
-        f"- summary: {r.trigger.summary or '-'}",
+        f"- kind: {r.trigger.kind}; source: {_md(r.trigger.source or '-')}",
+        f"- summary: {_md(r.trigger.summary or '-')}",
     ]
     if r.trigger.labels:
-        lines.append("- labels: " + ", ".join(f"`{k}={v}`".replace("\n", " ") for k, v in r.trigger.labels.items()))
+        lines.append("- labels: " + ", ".join(_md(f"{k}={v}") for k, v in r.trigger.labels.items()))
     if r.trigger.fingerprint:
-        lines.append(f"- fingerprint: `{r.trigger.fingerprint}`; fired at {_t(r.trigger.fired_at)}")
+        lines.append(f"- fingerprint: {_md(r.trigger.fingerprint)}; fired at {_t(r.trigger.fired_at)}")
     for link in r.trigger.links:
-        lines.append(f"- link: {link}")
+        lines.append(f"- link: {_md(link)}")
     lines += ["", "## Timeline", "", "| Time (UTC) | Phase | Event |", "|---|---|---|"]
     lines += [f"| {e.at:%H:%M:%S} | {e.phase} | {_cell(e.event)} |" for e in r.timeline]
     lines += ["", "## Findings", "", "| Check | Result | Detail |", "|---|---|---|"]
@@ -302,7 +392,7 @@ def render_report(r: IncidentRecord) -> str:
               for f in r.findings] or ["| - | - | - |"]
     lines += ["", "## Approvals", "", "| Time | Action | Decision | By | Reason |",
               "|---|---|---|---|---|"]
-    lines += [f"| {a.at:%H:%M:%S} | {a.action} | {a.decision} | {a.by} | {_cell(a.reason or '-')} |"
+    lines += [f"| {a.at:%H:%M:%S} | {a.action} | {a.decision} | {_cell(a.by)} | {_cell(a.reason or '-')} |"
               for a in r.approvals] or ["| - | - | none needed | - | - |"]
     lines += ["", "## Actions taken", "", "| Time | Action | Target | Changed | Detail |",
               "|---|---|---|---|---|"]
@@ -310,8 +400,8 @@ def render_report(r: IncidentRecord) -> str:
               f"{_cell(a.detail)} |" for a in r.actions] or ["| - | none | - | - | - |"]
     lines += ["", "## Verification", "", r.verification or "_not run yet_"]
     if r.escalations:
-        lines += ["", "## Escalations", ""] + [f"- {e}" for e in r.escalations]
-    lines += ["", ALERT_UPDATES_HEADING, ""] + ([f"- {u}" for u in r.alert_updates] or ["- none"])
+        lines += ["", "## Escalations", ""] + [f"- {_md(e)}" for e in r.escalations]
+    lines += ["", ALERT_UPDATES_HEADING, ""] + ([f"- {_md(u)}" for u in r.alert_updates] or ["- none"])
     problems = [f for f in r.findings if not f.ok]
     lines += [
         "", "---", "", "# Post-Incident Report (skeleton)", "",
@@ -358,6 +448,6 @@ def add_alert_update(flow_run_id: UUID, incident_id: str, text: str) -> None:
             return
         tail = tail.replace("- none\n", "", 1) if tail.startswith("- none\n") else tail
         client.create_artifact(ArtifactCreate(
-            key=key, type="markdown", data=f"{head}{sep}- {stamped}\n{tail}",
+            key=key, type="markdown", data=f"{head}{sep}- {_md(stamped)}\n{tail}",
             description=latest.get("description"), flow_run_id=flow_run_id,
         ))

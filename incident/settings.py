@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         description="Optional URL that receives a JSON POST when a run escalates to humans.",
     )
     http_timeout_s: float = Field(default=5.0, description="Timeout of every HTTP probe.")
+    stale_run_after_s: float = Field(
+        default=600.0, ge=60, description="A Running or Paused run with no heartbeat for this long "
+        "is taken for dead: marked Crashed, its record closed and escalated (incident/sweeper.py). "
+        "Keep it well above PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by default).")
 
     @property
     def lab_dir(self) -> Path:

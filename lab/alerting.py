@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from functools import partial
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from lab import exporters as _ex
-from lab.context import LabContext, LabInfo
+from lab.context import LabContext, LabInfo, new_secret
 from lab.proc import LabError, cmdline, expect_cmdline, http_get, port_in_use
 
 # Debian 12 package names == binary names in /usr/bin
@@ -204,7 +203,7 @@ class Alerting:
         f = self.ctx.info.alertmanager_token_file
         token = f.read_text().strip() if f.exists() else ""
         if not token:
-            token = secrets.token_urlsafe(32)
+            token = new_secret(32)
             fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(token)  # no newline: it is sent verbatim as the Bearer credentials

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -19,6 +21,21 @@ BASE_PORTS = ("web_port", "pg_port", "redis_port", "ssh_port")
 ALERTING_PORTS = ("blackbox_port", "prometheus_port", "alertmanager_port", "gateway_port",
                   "postgres_exporter_port", "redis_exporter_port", "node_exporter_port")
 SOCK_MAX = 100  # unix socket paths are limited to ~108 bytes
+#: When set (the test session sets it), every secret the lab generates carries this marker, so a
+#: scan of everything the runs and logs kept can prove no secret leaked (tests/test_secrets_canary.py).
+SECRET_CANARY_ENV = "RUNBOOKS_SECRET_CANARY"
+
+
+def new_secret(nbytes: int = 24) -> str:
+    """A new random secret of [A-Za-z0-9_-] only (safe inside a SQL literal and a Bearer header),
+    prefixed with ``$RUNBOOKS_SECRET_CANARY`` when that is set."""
+    value = secrets.token_urlsafe(nbytes)
+    canary = os.environ.get(SECRET_CANARY_ENV, "")
+    if not canary:
+        return value
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", canary):
+        raise LabError(f"lab: {SECRET_CANARY_ENV} must be [A-Za-z0-9_-] only (it goes into SQL literals)")
+    return f"{canary}-{value}"
 
 
 class LabInfo(BaseModel):

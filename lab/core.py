@@ -58,10 +58,18 @@ class Lab:
         self.redis = Redis(ctx)
         self.sshd = Sshd(ctx)
         self.alerting_stack = Alerting(ctx)
+        #: what the last up() found down and left for a runbook (it never repairs a target)
+        self.left_down: list[str] = []
+        #: the runbook targets the last up() found stopped and started again (said, not silent)
+        self.repaired: list[str] = []
         self._stoppers = {"dockerd": self.docker.stop, "postgres": self.postgres.stop,
                           "redis": self.redis.stop, "sshd": self.sshd.stop}
 
     # ----------------------------------------------------------------- info / pids
+
+    @property
+    def _down_marker(self) -> Path:
+        return self.lab_dir / "stopped-by-down"
 
     @property
     def info(self) -> LabInfo:
@@ -109,12 +117,20 @@ class Lab:
         info = self.info
         self.ctx.save_info()
         docker_proc = self.docker.start()  # slowest: start first, wait later
+        # targets of runbooks found stopped (a pidfile, no process) are started again, and said
+        # so: a repair by `up` is never silent
+        was_down = [n for n in ("postgres", "redis") if self.read_pid(n) and not self.ctx.procs.alive(n)]
         self.postgres.up()
         self.redis.up()
         self.sshd.up()
         self.docker.wait(docker_proc)
         self.docker.ensure_images()
-        self.web.up()
+        # after `down` stopped the container on purpose it is started again; otherwise a dead
+        # target is left for its runbook (up does not repair targets)
+        stopped_by_down = self._down_marker.exists()
+        self.left_down = [w for w in [self.web.up(restart_stopped=stopped_by_down)] if w]
+        self._down_marker.unlink(missing_ok=True)
+        self.repaired = [f"{n}: was down; started again by lab up, not by a runbook" for n in was_down]
         self.disk.up()
         write_inventory(self.inventory_path, info)
         if self.alerting if alerting is None else alerting:
@@ -127,6 +143,8 @@ class Lab:
         # the alerting stack first (it would alert on everything below), then fault
         # holders, then the web container (cleanly), then the daemons
         self.alerting_stack.stop()  # self.alerting stays: a Lab(alerting=True) starts it again at up()
+        if self.lab_dir.is_dir():
+            self._down_marker.touch()  # the next up() restarts what this stops (not a repair)
         _faults.stop_all_holders(self)
         self.docker.stop_labelled_containers()
         self.disk.down()

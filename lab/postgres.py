@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from lab.exporters import MONITOR_ROLE, monitor_password_file
-from lab.context import LabContext
+from lab.context import LabContext, new_secret
 from lab.faults import fault, start_holder
 from lab.proc import (
     LabError,
@@ -166,7 +165,7 @@ class Postgres:
         if pwfile.exists() and pwfile.read_text().strip():
             password = pwfile.read_text().strip()
         else:
-            password = secrets.token_urlsafe(24)  # [A-Za-z0-9_-]: safe inside a SQL literal
+            password = new_secret(24)  # [A-Za-z0-9_-]: safe inside a SQL literal
             fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(password + "\n")
@@ -223,7 +222,7 @@ def _secret_file(path: Path) -> str:
     if path.exists() and path.read_text().strip():
         value = path.read_text().strip()
     else:
-        value = secrets.token_urlsafe(24)
+        value = new_secret(24)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(value + "\n")

@@ -64,21 +64,28 @@ class Web:
     def _health_ok(self) -> bool:
         return http_get(self.ctx.info.health_url, 2)[0] == 200
 
-    def up(self) -> None:
-        """Keep a running, healthy container; otherwise (re)create it with :meth:`reset`."""
+    def up(self, restart_stopped: bool = False) -> str | None:
+        """Create the container when there is none (or, ``restart_stopped``, when ``down``
+        stopped it). One that exists but is down or unhealthy is left as it is - repairing it
+        here would hide what a runbook did or did not do - and the returned line says so
+        (None when it is healthy)."""
         client = self.docker.client()
         try:
             c = self._get(client)
-            if c is not None and c.attrs["State"].get("Status") == "running":
-                if wait_until(self._health_ok, 10, 0.2):
-                    return
-                code, body = http_get(self.ctx.info.health_url, 2)
-                log = self._save_logs(c)
-                raise self.ctx.fail("web", f"container runs but {self.ctx.info.health_url} answers {code or ''} {body}",
-                                    log)
+            if c is None or (restart_stopped and c.attrs["State"].get("Status") != "running"):
+                self.reset()
+                return None
+            status = c.attrs["State"].get("Status")
+            if status == "running" and wait_until(self._health_ok, 10, 0.2):
+                return None
+            code, body = http_get(self.ctx.info.health_url, 2)
+            self._save_logs(c)
+            seen = (f"runs but {self.ctx.info.health_url} answers {code or 'nothing'} {body}".strip()
+                    if status == "running" else f"is {status}")
+            return (f"web: container {self.name} {seen}; left for the service-down runbook "
+                    f"(log: {self.ctx.log('web')}); `python -m lab reset web-killed` repairs it by hand")
         finally:
             client.close()
-        self.reset()
 
     def kill(self) -> None:
         client = self.docker.client()

@@ -7,8 +7,10 @@ The environment is set here, before anything imports Prefect, so that every flow
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 
 # Under the temp dir, not the checkout: the lab runs PostgreSQL as user postgres, which
@@ -20,12 +22,29 @@ os.environ["RUNBOOKS_STATE_DIR"] = str(_STATE)
 os.environ["RUNBOOKS_INVENTORY"] = str(_STATE / "lab" / "inventory.yaml")
 os.environ["RUNBOOKS_APPROVAL_POLL_S"] = "1"
 
+# --- secrets canary (tests/test_secrets_canary.py) -------------------------------------------
+# One marker per session inside every secret the run uses: the lab's generated passwords and
+# tokens (lab.context.new_secret reads it) and the gateway fixture's secrets. The last test of
+# the session scans everything the runs, logs and stores kept for it.
+SECRET_CANARY = f"canary-{secrets.token_hex(8)}"
+os.environ["RUNBOOKS_SECRET_CANARY"] = SECRET_CANARY
+CANARY_MODULE = "test_secrets_canary.py"
+
+
+def canary_secret(name: str) -> str:
+    """A secret for setting ``name`` that carries the session's canary."""
+    return f"{SECRET_CANARY}-{name.replace('_', '-')}-{secrets.token_hex(8)}"
+# ---------------------------------------------------------------------------------------------
+
 from deployments.stack import free_port, prefect_env, start_prefect_server, stop_pid  # noqa: E402
 
 _PORT = free_port()
 os.environ.update(prefect_env(_STATE / "prefect", f"http://127.0.0.1:{_PORT}/api"))
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
+
+from lab.proc import pid_alive  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +88,13 @@ def healthy_web(lab):
     return lab
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The secrets canary's tests run last, in their own order: the scan sees the whole session."""
+    canary = [item for item in items if item.path.name == CANARY_MODULE]
+    if canary:
+        items[:] = [item for item in items if item.path.name != CANARY_MODULE] + canary
+
+
 def pytest_sessionfinish(session, exitstatus):
     if exitstatus == 0 and not os.environ.get("RUNBOOKS_KEEP_TEST_STATE"):
         shutil.rmtree(_STATE, ignore_errors=True)
@@ -85,11 +111,60 @@ def deployed(prefect_api, state_dir: Path):
 
 @pytest.fixture(scope="session")
 def gateway(deployed, lab, state_dir: Path):
+    from pydantic import SecretStr
+
     from gateway.settings import GatewaySettings
 
-    settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db",
-                               alertmanager_bearer_token="test-am-token")
+    # every secret setting of every source, each carrying the secrets canary
+    secret_settings = {name: canary_secret(name) for name, f in GatewaySettings.model_fields.items()
+                       if f.annotation is SecretStr or SecretStr in typing.get_args(f.annotation)}
+    settings = GatewaySettings(port=free_port(), store=state_dir / "gateway" / "alerts.db", **secret_settings)
     from gateway.__main__ import serving
 
     with serving(settings) as url:
         yield settings, url
+
+
+class RestartablePrefectServer:
+    """The session's Prefect server (started by the ``prefect_api`` fixture), stopped and
+    started again on the same port with the same database (SQLite under ``<state>/prefect``),
+    so the rest of the session keeps using the same URL."""
+
+    def __init__(self, state_dir: Path, api_url: str) -> None:
+        self.state_dir = state_dir
+        self.api_url = api_url
+        self.port = httpx.URL(api_url).port
+        self.restarted: int | None = None  # the PID of a server started here, stopped at the end
+
+    def pid(self) -> int:
+        return int((self.state_dir / "pids" / "prefect-server.pid").read_text())
+
+    def answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        pid = self.pid()
+        stop_pid(pid)
+        assert not pid_alive(pid), f"the Prefect server (pid {pid}) did not stop"
+        assert not self.answers(), "the Prefect API still answers after its server stopped"
+
+    def start(self) -> None:
+        if self.restarted is not None:
+            stop_pid(self.restarted)
+        pid, url = start_prefect_server(self.state_dir / "prefect", self.port, self.state_dir, ui=False)
+        self.restarted = pid
+        assert url == self.api_url, f"the server came back on {url}, not {self.api_url}"
+
+    def close(self) -> None:
+        if self.restarted is not None:
+            stop_pid(self.restarted)
+
+
+@pytest.fixture(scope="session")
+def restartable_prefect(prefect_api, state_dir: Path):
+    server = RestartablePrefectServer(state_dir, prefect_api)
+    yield server
+    server.close()  # the fixture that started the first server stops that one (if still up)

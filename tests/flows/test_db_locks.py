@@ -47,14 +47,15 @@ def test_idle_in_transaction_blocker_is_ended_after_human_approval(prefect_api, 
     assert "approve-terminate-blocking-sessions" in str(paused.state.state_details.pause_key)
     assert not lab.fault_healthy("pg-lock-blocker-idle"), "the cancel alone must not have fixed it"
 
-    resume_flow_run(run_id, run_input={"decision": "approve", "reason": "idle transaction holds accounts"})
+    resume_flow_run(run_id, run_input={"decision": "approve", "reason": "idle transaction holds accounts",
+                                       "approver": "Ada Lovelace"})
     thread.join(timeout=120)
     assert thread.state is not None and thread.state.name == "Completed", thread.state
     assert lab.fault_healthy("pg-lock-blocker-idle")
     assert _sessions(lab, "lab-idle-blocker") == 0
     text = report(incident_id)
     assert "| cancel_blocking_queries | approved | policy:cancel-blocking-query-in-lab |" in text
-    assert "| terminate_blocking_sessions | approved | human | idle transaction holds accounts |" in text
+    assert "| terminate_blocking_sessions | approved | Ada Lovelace | idle transaction holds accounts |" in text
     assert "| yes | pg_terminate_backend sent to pid" in text
     assert "idle in transaction" in text
 
@@ -66,7 +67,7 @@ def test_respawning_blocker_escalates_with_what_it_saw(prefect_api, healthy_lab)
         thread, incident_id = start_flow(db_locks, target="web", **KNOBS)
         run_id = run_id_of(incident_id)
         wait_paused(run_id)
-        resume_flow_run(run_id, run_input={"decision": "approve", "reason": "end it"})
+        resume_flow_run(run_id, run_input={"decision": "approve", "reason": "end it", "approver": "Ada Lovelace"})
         thread.join(timeout=120)
 
         assert thread.state is not None and thread.state.is_failed(), thread.state

@@ -91,7 +91,7 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).state.is_paused()
 
-    resume_flow_run(run_id, run_input={"decision": "approve", "reason": "bad release 1.2"})
+    resume_flow_run(run_id, run_input={"decision": "approve", "reason": "bad release 1.2", "approver": "Ada Lovelace"})
     thread.join(timeout=180)
     assert thread.state is not None and thread.state.is_completed(), thread.state
     assert _health(lab) == 200
@@ -100,7 +100,7 @@ def test_broken_release_is_rolled_back_after_human_approval(prefect_api, healthy
     assert container.labels["runbooks.previous-image"] == "lab-web:broken"
 
     text = report(incident_id)
-    assert "| rollback_container | approved | human | bad release 1.2 |" in text
+    assert "| rollback_container | approved | Ada Lovelace | bad release 1.2 |" in text
     assert "| rollback_container | lab-web | yes |" in text
     assert "FATAL" in text, "the crash log line belongs in the findings"
 
@@ -111,14 +111,15 @@ def test_rejected_rollback_changes_nothing(prefect_api, healthy_web):
     thread, incident_id = _start()
     run_id = run_id_of(incident_id)
     wait_paused(run_id)
-    resume_flow_run(run_id, run_input={"decision": "reject", "reason": "investigating first"})
+    resume_flow_run(run_id, run_input={"decision": "reject", "reason": "investigating first",
+                                       "approver": "Ada Lovelace"})
     thread.join(timeout=120)
 
     assert thread.state.is_completed() and thread.state.name == "Not Approved"
     container = lab.docker_client().containers.get(lab.info.container_name)
     assert container.image.tags[0] == "lab-web:broken", "a rejected rollback changed the image"
     text = report(incident_id)
-    assert "| rollback_container | rejected | human | investigating first |" in text
+    assert "| rollback_container | rejected | Ada Lovelace | investigating first |" in text
     assert "| rollback_container | lab-web |" not in text
     with get_client(sync_client=True) as client:
         assert "outcome:not-approved" in client.read_flow_run(run_id).tags
@@ -166,7 +167,7 @@ def test_unreachable_docker_engine_is_a_clear_error(prefect_api, healthy_web, tm
     # an unexpected stop still ends in a closed, true record and an escalation
     text = report(incident_id)
     assert "**Status:** failed" in text
-    assert "the run stopped unexpectedly" in text and "it changed nothing" in text
+    assert "the run stopped unexpectedly" in text and "this run changed nothing" in text
     assert "## Escalations" in text
     found = escalations(prefect_api, incident_id)
     assert found and "stopped unexpectedly" in found[0]["payload"]["reason"]

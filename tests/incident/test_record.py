@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 from incident.inventory import Severity
@@ -28,3 +29,21 @@ def test_report_follows_the_post_incident_template():
     assert "alert \\| received" in md, "table cells must escape pipes"
     assert "exited, exit code 137" in md.split("# Post-Incident Report")[1], "findings feed the root cause"
     assert rec.artifact_key == "incident-inc-20261123-ab12"
+
+
+def test_alert_text_cannot_add_markup_to_the_report():
+    """Labels, summaries and links come from outside: they stay plain text in the report."""
+    hostile = "web; touch /tmp/x `id` [click](http://evil.example) <img src=x onerror=alert(1)> | cell"
+    rec = IncidentRecord(
+        incident_id="INC-20261123-AB12", scenario="service-down", target="web", environment="lab",
+        severity=Severity.P1, dry_run=False, opened_at=T,
+        trigger=Trigger(kind="alert", source="grafana", summary=hostile, labels={"service": hostile},
+                        links=[hostile]),
+        timeline=[TimelineEntry(at=T, phase="detect", event=hostile)],
+        alert_updates=[hostile], escalations=[hostile],
+    )
+    md = render_report(rec)
+    assert hostile not in md
+    for raw in ("`id`", "[click](", "<img", "| cell"):
+        assert not re.search(r"(?<!\\)" + re.escape(raw), md), f"{raw!r} reached the report unescaped"
+    assert "\\`id\\`" in md and "\\[click\\]" in md and "\\<img" in md and "\\| cell" in md

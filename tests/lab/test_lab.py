@@ -110,6 +110,19 @@ def test_redis_down_makes_health_503_and_up_restores(lab):
     lab.up()
     assert http_get(lab.info.health_url)[0] == 200
     assert lab.read_pid("redis") != pid
+    assert any(line.startswith("redis: was down") for line in lab.repaired), "a repair by up is said"
+
+
+def test_up_leaves_a_dead_target_to_the_runbook(healthy_lab):
+    """`make up` must not hide a fault: a killed web container stays down, and up says so."""
+    lab = healthy_lab
+    lab.kill_web()
+    lab.up()
+    assert lab.status()["web"] != "up"
+    assert lab.left_down and "left for the service-down runbook" in lab.left_down[0]
+    lab.reset_web()
+    lab.up()
+    assert lab.left_down == [] and lab.status()["web"] == "up"
 
 
 def test_ssh_with_pinned_host_key(lab):
