@@ -119,7 +119,9 @@ class Lab:
         docker_proc = self.docker.start()  # slowest: start first, wait later
         # targets of runbooks found stopped (a pidfile, no process) are started again, and said
         # so: a repair by `up` is never silent
-        was_down = [n for n in ("postgres", "redis") if self.read_pid(n) and not self.ctx.procs.alive(n)]
+        # (ran before - it has a log - but not now, and not stopped by `down`)
+        was_down = [n for n in ("postgres", "redis") if self.ctx.log(n).exists()
+                    and not self.ctx.procs.alive(n) and not self._down_marker.exists()]
         self.postgres.up()
         self.redis.up()
         self.sshd.up()

@@ -32,7 +32,7 @@ from flows.redis_down import redis_down
 from flows.service_down import service_down
 from incident.record import load_record
 from incident.sweeper import sweep_abandoned_runs
-from lab.faults import stop_all_holders
+from lab.faults import held_faults, stop_holder
 from lab.proc import wait_until
 from tests.helpers import escalations, report, run_id_of, start_flow, wait_paused
 
@@ -76,9 +76,15 @@ def broken_lab(healthy_lab, every_step_asks):
 
 
 def _restore(lab) -> None:
-    """Every component up (a mode stopped one) and every fault reset. The fault holders go
-    first: a held row lock would block the lab's own set-up statements."""
-    stop_all_holders(lab)
+    """Every component up (a mode stopped one) and every fault reset. The held faults go
+    first (their sessions ended too: PostgreSQL does not notice a killed client in the middle
+    of pg_sleep, and a held row lock would block the lab's own set-up statements); with
+    PostgreSQL stopped their sessions are gone already and only the holders are stopped."""
+    for name in held_faults(lab):
+        if lab.ctx.procs.alive("postgres"):
+            lab.reset_fault(name)
+        else:
+            stop_holder(lab, name)
     lab.up()
     lab.reset_all_faults()
 

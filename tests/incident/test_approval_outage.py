@@ -24,6 +24,7 @@ from prefect.events import emit_event
 from prefect.flow_runs import resume_flow_run
 
 from flows.service_down import service_down
+from lab.proc import wait_until
 from tasks.http_checks import check_health
 from tests.helpers import report, run_id_of, start_flow, wait_paused
 
@@ -104,10 +105,13 @@ def test_waiting_run_rides_out_an_api_outage_and_is_approved_after_it(
     unreachable = [w for w in warnings.lines if "Prefect API is unreachable" in w]
     assert len(unreachable) >= 2, f"expected a WARNING per failed check, got {warnings.lines}"
     assert any("answers again" in w for w in warnings.lines), warnings.lines
-    with get_client(sync_client=True) as client:  # the "back" warning also reached the run's logs
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]),
-                                                     level=LogFilterLevel(ge_=logging.WARNING)))
-    assert any("answers again" in log.message for log in logs)
+    def back_in_the_runs_logs() -> bool:  # shipped by Prefect's log worker, in its own time
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run_id]), level=LogFilterLevel(ge_=logging.WARNING)))
+        return any("answers again" in log.message for log in logs)
+
+    assert wait_until(back_in_the_runs_logs, 30, 1.0), "the 'answers again' warning never reached the run's logs"
 
     assert server.answers() and _event_reaches_the_server(server.api_url), \
         "after the restart the session's server must answer on the same URL, events included"

@@ -1,0 +1,91 @@
+"""The scenario kit's promise against the real Prefect server: whatever ends a run, its record
+is closed, true about what changed, and escalated; a run that gives up on purpose is not
+logged as a crash. Probe flows go through the real kit; no lab needed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from prefect.states import State
+
+from incident.approval import ActionPlan
+from incident.inventory import Service, Target
+from incident.kit import change, escalate_and_fail, runbook_flow
+from incident.record import open_incident
+from tasks.common import ActionResult, changing_task
+from tests.helpers import escalations, new_incident_id, report
+
+PROBE = Target(name="probe", service=Service(environment="staging", owner="sre",
+                                             health_url="http://127.0.0.1:1/health"))
+
+
+@changing_task
+def touch_then_break(path: str) -> ActionResult:
+    """Changes something, then fails in a way no runbook expects."""
+    Path(path).write_text("half done\n")
+    raise OSError("the disk went away mid-step")
+
+
+@runbook_flow("kit-probe")
+def kit_probe(incident_id: str, how: str, marker: str = "") -> State:
+    incident = open_incident("kit-probe", PROBE, None, incident_id, dry_run=False)
+    if how == "gives-up":
+        escalate_and_fail(incident, "the probe gives up on purpose")
+    if how == "breaks-mid-step":
+        plan = ActionPlan(action="touch_then_break", target="probe", runs=f"touch {marker}",
+                          expected_effect="a file", undo=f"rm {marker}", destructive=False)
+        change(incident, PROBE, plan, touch_then_break, marker)
+    raise RuntimeError("an unexpected bug")
+
+
+@pytest.fixture
+def every_step_approved(tmp_path, monkeypatch):
+    path = tmp_path / "policies.yaml"
+    path.write_text("policies:\n  - name: probe-policy\n    description: probes may\n"
+                    "    actions: [touch_then_break]\n    environments: [staging]\n    require_stateless: false\n")
+    monkeypatch.setenv("RUNBOOKS_POLICIES", str(path))
+
+
+def _errors_with_traceback(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "prefect.flow_runs" and r.levelno >= logging.ERROR
+            and r.exc_info]
+
+
+def test_giving_up_on_purpose_is_one_info_line_not_a_crash(prefect_api, caplog):
+    caplog.set_level(logging.INFO)
+    incident_id = new_incident_id()
+    state = kit_probe(incident_id=incident_id, how="gives-up", return_state=True)
+    assert state.is_failed()
+    assert _errors_with_traceback(caplog) == [], "an intended failure was logged as a crash"
+    assert any("ends Failed on purpose" in r.getMessage() for r in caplog.records)
+    text = report(incident_id)
+    assert "**Status:** failed" in text and "this run changed nothing" in text
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_closes_the_record(prefect_api, caplog):
+    caplog.set_level(logging.INFO)
+    incident_id = new_incident_id()
+    state = kit_probe(incident_id=incident_id, how="breaks", return_state=True)
+    assert state.is_failed()
+    assert _errors_with_traceback(caplog), "a real error must keep its traceback"
+    text = report(incident_id)
+    assert "**Status:** failed" in text and "the run stopped unexpectedly" in text
+    found = escalations(prefect_api, incident_id)
+    assert found, "nobody was told"
+    payload = found[-1]["payload"]
+    assert payload["scenario"] == "kit-probe" and payload["environment"] == "staging"
+    assert payload["outcome"] == "failed" and payload["target"] == "probe"
+
+
+def test_a_step_that_dies_half_way_is_named_as_unknown(prefect_api, tmp_path, every_step_approved):
+    incident_id = new_incident_id()
+    marker = tmp_path / "marker"
+    state = kit_probe(incident_id=incident_id, how="breaks-mid-step", marker=str(marker),
+                      return_state=True)
+    assert state.is_failed() and marker.exists(), "the probe step should have half-run"
+    text = report(incident_id)
+    assert "starting touch_then_break on probe" in text, "the step was not recorded before it ran"
+    assert "touch_then_break on probe was started and did not report back" in text
+    assert "its effect is unknown" in text
