@@ -133,12 +133,20 @@ def test_approval_timeout_fails_clearly_and_escalates(prefect_api, healthy_web, 
     thread.join(timeout=180)
 
     assert thread.state.is_failed()
-    assert "timed out" in thread.state.message or "within 4 s" in thread.state.message
+    message = thread.state.message or ""
+    assert "timed out" in message or "within 4 s" in message
+    # the restart (lab policy) ran before the rollback's approval timed out: the message says so
+    assert "this run changed: restart_container on lab-web" in message, message
+    assert "not run: rollback_container on lab-web" in message, message
+    assert "nothing was changed" not in message and "changed nothing" not in message, message
     container = lab.docker_client().containers.get(lab.info.container_name)
-    assert container.image.tags[0] == "lab-web:broken"
+    assert container.image.tags[0] == "lab-web:broken", "the rollback ran without approval"
     text = report(incident_id)
     assert "| rollback_container | timed out | nobody |" in text
-    assert "## Escalations" in text
+    assert "| restart_container | lab-web | yes |" in text
+    escalated = text.split("## Escalations", 1)[1].split("##", 1)[0]
+    assert "this run changed: restart_container on lab-web" in escalated
+    assert "nothing changed" not in escalated
 
     found = escalations(prefect_api, incident_id)
     assert found, "no escalation event reached Prefect"
@@ -146,9 +154,16 @@ def test_approval_timeout_fails_clearly_and_escalates(prefect_api, healthy_web, 
 
 
 def test_unknown_target_says_what_exists(prefect_api, lab):
-    state = service_down(target="no-such-service", return_state=True)
+    incident_id = new_incident_id()
+    state = service_down(target="no-such-service", incident_id=incident_id, return_state=True)
     assert state.is_failed()
     assert "no-such-service" in state.message and "web" in state.message
+    # no record could be opened, but somebody is still told, with what the run knew
+    found = escalations(prefect_api, incident_id)
+    assert found, "a run that stopped before opening its record was not escalated"
+    payload = found[-1]["payload"]
+    assert payload["scenario"] == "service-down" and payload["target"] == "no-such-service"
+    assert "changed nothing" in payload["reason"]
 
 
 def test_unreachable_docker_engine_is_a_clear_error(prefect_api, healthy_web, tmp_path, monkeypatch):
