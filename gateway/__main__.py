@@ -89,6 +89,9 @@ def _sweep_in_background(interval_s: float):
         while not stop.wait(interval_s):
             try:
                 sweep_abandoned_runs(get_settings().stale_run_after_s)
+            except httpx.TransportError as exc:  # the Prefect API is away: nothing to sweep now
+                log.warning("the sweep for dead runs could not reach the Prefect API (%s); it runs "
+                            "again in %s s", type(exc).__name__, interval_s)
             except Exception:
                 log.exception("the sweep for dead runs failed; it runs again in %s s", interval_s)
 

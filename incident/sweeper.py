@@ -58,8 +58,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def sweep_abandoned_runs(stale_after_s: float) -> list[str]:
-    """Close the open records of dead runs (see the module docstring); their incident tags."""
+def sweep_abandoned_runs(stale_after_s: float, final_grace_s: float = _FINAL_GRACE.total_seconds()) -> list[str]:
+    """Close the open records of dead runs (see the module docstring); their incident tags.
+    A run that ended less than ``final_grace_s`` ago is left to its own failure hook."""
     now = _now()
     closed: list[str] = []
     with get_client(sync_client=True) as client:
@@ -74,7 +75,7 @@ def sweep_abandoned_runs(stale_after_s: float) -> list[str]:
                 continue
             if state.is_final():
                 ended = run.end_time or state.timestamp
-                if ended and now - ended < _FINAL_GRACE:
+                if ended and (now - ended).total_seconds() < final_grace_s:
                     continue
                 why = f"the run ended {state.name} without closing its incident record"
             else:
