@@ -162,14 +162,16 @@ def close_run_from_outside(flow_run_id: UUID, why: str,
     """Close and escalate the record of a run that cannot do it itself any more (killed with
     its process, left by a gateway restart, cancelled from outside). ``fallback`` is sent when
     the run never saved a record (it died before ``begin``). Returns whether it escalated."""
-    record = close_from_outside(flow_run_id, why)
-    if record is not None:
-        send_escalation(EscalationNotice.of(record, record.summary, flow_run_id))
-        return True
-    if fallback is not None and load_record(flow_run_id) is None:
-        send_escalation(fallback)
-        return True
-    return False
+    record = load_record(flow_run_id)
+    if record is None:  # it died before opening its record
+        if fallback is not None:
+            send_escalation(fallback)
+        return fallback is not None
+    if record.outcome != "open":  # it closed its record itself: nothing to do
+        return False
+    record = close_from_outside(flow_run_id, record, why)
+    send_escalation(EscalationNotice.of(record, record.summary, flow_run_id))
+    return True
 
 
 def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -224,12 +226,13 @@ def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> Sta
     """Close the incident after a step that was not approved: that step changed nothing, and
     the summary says what earlier steps of the run did change."""
     rec = incident.record
-    done = ("nothing changed" if not any(a.changed for a in rec.actions)
-            else f"{plan.action} did not run; before it, {rec.changes()}")
+    changed_before = any(a.changed for a in rec.actions)
+    done = (f"{plan.action} did not run; before it, {rec.changes()}" if changed_before
+            else "nothing changed")
     if decision == "dry run":
         return incident.close("dry run", f"would run {plan.action}: {plan.runs}; {done}")
     if decision == "stood down":
-        outcome: Outcome = "resolved" if any(a.changed for a in rec.actions) else "resolved without action"
+        outcome: Outcome = "resolved" if changed_before else "resolved without action"
         return incident.close(outcome, f"stood down before {plan.action}: the alert resolved; {done}")
     return incident.close("not approved", f"{plan.action} was {decision}; {done}")
 

@@ -292,14 +292,10 @@ def load_record(flow_run_id: UUID) -> IncidentRecord | None:
     return IncidentRecord.model_validate_json(newest.value)
 
 
-def close_from_outside(flow_run_id: UUID, why: str) -> IncidentRecord | None:
-    """Close the record of a run that can no longer close it itself (killed, crashed in another
-    process, left behind by a restart): outcome failed, ``why``, what the run changed and what
-    not, the report republished and the run retagged. Returns the record as closed, or None when
-    the run never opened one or had closed it already (nothing to do then)."""
-    record = load_record(flow_run_id)
-    if record is None or record.outcome != "open":
-        return None
+def close_from_outside(flow_run_id: UUID, record: IncidentRecord, why: str) -> IncidentRecord:
+    """Close the open, saved ``record`` (``load_record``) of a run that can no longer close it
+    itself (killed, crashed in another process, left behind by a restart): outcome failed,
+    ``why``, what the run changed and what not, the report republished and the run retagged."""
     summary = f"{why}; {record.changes()}"
     record.outcome, record.summary, record.closed_at = "failed", summary, _now()
     record.escalations.append(summary)

@@ -34,7 +34,7 @@ from incident.record import load_record
 from incident.sweeper import sweep_abandoned_runs
 from lab.faults import held_faults, stop_holder
 from lab.proc import wait_until
-from tests.helpers import escalations, report, run_id_of, start_flow, wait_paused
+from tests.helpers import escalations, report, run_id_of, run_tags, start_flow, wait_paused
 
 pytestmark = pytest.mark.lab
 
@@ -145,7 +145,7 @@ def _closed_and_true(scenario: str, incident_id: str, run_id, api_url: str) -> s
     assert record.outcome != "open", f"{scenario}: record left open: {record.timeline[-3:]}"
     text = report(incident_id)
     assert "**Status:** open" not in text, f"{scenario}: the report still says open"
-    assert f"outcome:{record.outcome.replace(' ', '-')}" in _tags(run_id)
+    assert f"outcome:{record.outcome.replace(' ', '-')}" in run_tags(run_id)
     started = [e.event.removeprefix("starting ") for e in record.timeline if e.event.startswith("starting ")]
     for step in started:  # every changing step started has a result or is named as unknown
         action = step.split(" on ")[0]
@@ -159,11 +159,6 @@ def _closed_and_true(scenario: str, incident_id: str, run_id, api_url: str) -> s
         assert payload["incident_id"] == incident_id and payload["target"] == "web"
         assert "changed" in record.summary, f"{scenario}: the summary must say what changed: {record.summary}"
     return record.outcome
-
-
-def _tags(run_id) -> list[str]:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id).tags
 
 
 def _stop_while_paused(lab, component: str, expect_failed: set[str], prefect_api) -> dict[str, tuple]:
@@ -316,7 +311,7 @@ def test_gateway_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks
 
 
 def _tags_final(run_id) -> bool:
-    return any(t.startswith("outcome:") for t in _tags(run_id))
+    return any(t.startswith("outcome:") for t in run_tags(run_id))
 
 
 def test_worker_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks):
