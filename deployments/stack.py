@@ -47,6 +47,8 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_CLI_PROMPT": "false",
+        # the per-target locks' leases (incident/locks.py) survive a server restart
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "RUNBOOKS_STATE_DIR": str(settings.state_dir),
         "RUNBOOKS_INVENTORY": str(settings.inventory_path),
         "RUNBOOKS_PROJECT_DIR": str(REPO_ROOT),
@@ -128,6 +130,22 @@ def deploy_all(env: dict[str, str]) -> None:
     env = {**env, "RUNBOOKS_DISPATCH_TRIGGERS_ENABLED": "true" if dispatch == "automation" else "false"}
     prefect_cli(["work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env)
     prefect_cli(["--no-prompt", "deploy", "--all"], env)
+    create_kill_switch(env["PREFECT_API_URL"])
+
+
+def create_kill_switch(api_url: str) -> None:
+    """The kill switch variable, off, so that it shows in the UI (Variables) ready to flip.
+    One that exists is left as it is: someone may have turned it on."""
+    from incident.guardrails import KILL_SWITCH
+
+    with httpx.Client(base_url=api_url, timeout=10.0) as http:
+        if http.get(f"/variables/name/{KILL_SWITCH}").status_code == 200:
+            return
+        resp = http.post("/variables/", json={"name": KILL_SWITCH, "value": "off",
+                                              "tags": ["runbooks", "guardrail"]})
+        if resp.status_code not in (201, 409):  # 409: created meanwhile
+            raise StackError(f"creating the kill switch variable {KILL_SWITCH} failed: "
+                             f"{resp.status_code} {resp.text}")
 
 
 def start_worker(env: dict[str, str], state: Path) -> int:

@@ -53,6 +53,7 @@ from incident.escalation import escalate
 from incident.inventory import Target
 from incident.record import ApprovalRecord, Incident, IncidentRecord
 from incident.settings import get_settings
+from incident.waiting import waiting
 
 T = TypeVar("T")
 
@@ -370,12 +371,14 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
                          f"(times out in {settings.approval_timeout_s} s)")
     incident.publish()  # the report shows the plan while the run waits
     form = ApprovalForm.with_initial_data(description=plan.markdown(rec.scenario, rec.incident_id))
+    waiting_for = f"the approval of {plan.action} on {plan.target} ({rec.incident_id})"
     try:
-        answer = _wait_for_decision(
-            form, timeout_s=settings.approval_timeout_s, poll_s=settings.approval_poll_s,
-            key="approve-" + plan.action.replace("_", "-"),  # keys: lowercase, digits, dashes
-            waiting_for=f"the approval of {plan.action} on {plan.target} ({rec.incident_id})",
-        )
+        with waiting(waiting_for):  # a run waiting for a person frees its runner slot
+            answer = _wait_for_decision(
+                form, timeout_s=settings.approval_timeout_s, poll_s=settings.approval_poll_s,
+                key="approve-" + plan.action.replace("_", "-"),  # keys: lowercase, digits, dashes
+                waiting_for=waiting_for,
+            )
     except RunStoppedWhileWaiting as stopped:
         # cancelled (from the UI or the API) while waiting: a human decision not to go on
         entry = ApprovalRecord(at=now(), action=plan.action, decision="rejected",

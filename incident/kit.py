@@ -14,11 +14,13 @@ A scenario flow reads like its runbook and leaves the mechanics here::
         ...
         return incident.close("resolved", ...)     # or escalate_and_fail(incident, why)
 
-``change`` is the **one choke point for changing steps**: plan -> approval gate (a human,
-or a written policy) -> guardrails -> the changing task -> the action recorded. Every
-destructive step of every flow goes through it (``tests/deployments/test_contract.py`` checks
-that no flow calls a changing task directly), so a guardrail added to ``GUARDRAILS`` covers
-every scenario at once.
+``change`` is the **one choke point for changing steps**: plan -> guardrails (kill switch,
+shadow mode, the lock still held, blast radius, loop guard; ``incident/guardrails.py``) ->
+approval gate (a human, or a written policy) -> the changing task -> the action recorded.
+Every destructive step of every flow goes through it (``tests/deployments/test_contract.py``
+checks that no flow calls a changing task directly), so a guardrail there covers every
+scenario at once. ``begin`` takes the target's lock (``incident/locks.py``) before the
+diagnosis, so what a run diagnoses is never changed under it by another run.
 
 The flow-parameter contract (the gateway, the deployment triggers and drills rely on it):
 every scenario flow takes ``target`` (inventory service), ``dry_run``, ``trigger`` and
@@ -38,12 +40,17 @@ from prefect.runtime import flow_run as current_run
 from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
-from incident.approval import ActionPlan, request_approval
+from incident.approval import ActionPlan, matching_policy, request_approval
 from incident.errors import ConfigurationError, NeedsHumanError, RunbookError
 from incident.escalation import EscalationNotice, escalate, send_escalation
+from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADOW_TAG,
+                                 GuardrailRules, judge_blast_radius, judge_loop, kill_switch_on,
+                                 load_rules)
 from incident.inventory import Target, load_target
-from incident.record import (Incident, Outcome, Trigger, close_from_outside, load_record,
-                             open_incident)
+from incident.locks import HOLDER_TAG_PREFIX, TargetLock
+from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
+                             close_from_outside, load_record, open_incident)
+from incident.waiting import waiting
 from tasks.common import CHANGING_TAG, ActionResult
 
 R = TypeVar("R", bound=ActionResult)
@@ -83,12 +90,6 @@ class Step(BaseModel, Generic[R]):
         return self.closing
 
 
-#: A guardrail looks at a planned step and returns why it must not run now, or None.
-Guardrail = Callable[[Incident, Target, ActionPlan], "str | None"]
-#: Checked for every changing step of every flow, after approval, before the task runs.
-GUARDRAILS: list[Guardrail] = []
-
-
 class _QuietIntendedFailures(logging.Filter):
     """A run that ends Failed on purpose (it escalated and closed its record, then raised a
     ``NeedsHumanError``) is logged by Prefect's engine as an ERROR with a traceback, as if the
@@ -108,6 +109,10 @@ logging.getLogger("prefect.flow_runs").addFilter(_QuietIntendedFailures())
 
 #: The open incident of each flow run of this process, for the state hooks below.
 _LIVE: dict[str, Incident] = {}
+#: The target lock each flow run of this process holds, given back when the run ends.
+_LOCKS: dict[str, TargetLock] = {}
+#: Runs that waited for their target's lock: who held it (for "stood aside").
+_WAITED: dict[str, str] = {}
 
 
 def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., State]]:
@@ -120,13 +125,57 @@ def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., St
 
 def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str | None,
           dry_run: bool) -> tuple[Incident, Target]:
-    """Load the target from the inventory and open the incident record (names the run)."""
+    """Load the target from the inventory, open the incident record (names the run), and,
+    unless the run changes nothing (dry run, shadow mode), take the target's lock."""
     service = load_target(target)
+    rules = load_rules()
     incident = open_incident(scenario, service, trigger, incident_id, dry_run)
     run_id = current_run.get_id()
     if run_id:
         _LIVE[str(run_id)] = incident
+    if rules.for_scenario(scenario).mode == "shadow" and not dry_run:
+        incident.record.shadow = True
+        add_run_tags(SHADOW_TAG)
+        incident.guardrail("detect", "SHADOW MODE (policies/guardrails.yaml): the run diagnoses "
+                           "and records; its changing steps only say what they would have done")
+    if not (dry_run or incident.record.shadow):
+        take_target_lock(incident, service, rules, run_id)
     return incident, service
+
+
+def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
+                     run_id: str | None) -> None:
+    """Hold the target's lock until the run ends (the state hooks give it back); a run that
+    has to wait frees its runner slot meanwhile, and says whom it waited for."""
+    lock = TargetLock(service.name, UUID(run_id) if run_id else None, rules.lock)
+
+    def told(holder: str) -> None:
+        if run_id:
+            _WAITED[run_id] = holder
+        incident.guardrail("detect", f"waiting for the lock on {service.name}, held by {holder}: "
+                           f"another run is on this target (waiting up to {rules.lock.wait_s} s)")
+
+    with waiting(f"the lock on {service.name}"):
+        waited = lock.acquire(told)
+    if waited is None:
+        escalate_and_fail(incident, f"the lock on {service.name} stayed busy for "
+                          f"{rules.lock.wait_s} s (held by {lock.holder()}); this run did not "
+                          "diagnose the target", expected="the lock free")
+    if run_id:
+        _LOCKS[run_id] = lock
+    add_run_tags(HOLDER_TAG_PREFIX + service.name)
+    if run_id in _WAITED:
+        incident.guardrail("detect", f"took the lock on {service.name} after {waited:.0f} s: "
+                           "diagnosing afresh (the other run may have fixed it)")
+    else:
+        incident.note("detect", f"took the lock on {service.name}")
+
+
+def _release_lock(flow_run_id: str) -> None:
+    _WAITED.pop(flow_run_id, None)
+    lock = _LOCKS.pop(flow_run_id, None)
+    if lock is not None:
+        lock.release()
 
 
 def close_stopped_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -140,6 +189,13 @@ def close_stopped_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
     """
     why = f"the run stopped unexpectedly ({state.name}: {state.message or 'no message'})"
     incident = _LIVE.pop(str(flow_run.id), None)
+    try:
+        _close_stopped(flow, flow_run, incident, why)
+    finally:
+        _release_lock(str(flow_run.id))
+
+
+def _close_stopped(flow: Flow, flow_run: FlowRun, incident: Incident | None, why: str) -> None:
     if incident is None:  # another process, or the run stopped before it opened its record
         params = flow_run.parameters or {}
         close_run_from_outside(flow_run.id, why, fallback=EscalationNotice(
@@ -176,18 +232,26 @@ def close_run_from_outside(flow_run_id: UUID, why: str,
 
 def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
     _LIVE.pop(str(flow_run.id), None)
+    _release_lock(str(flow_run.id))
 
 
 def already_fine(incident: Incident, seen: Diagnosis) -> State:
+    run_id = current_run.get_id()
+    holder = _WAITED.get(str(run_id)) if run_id else None
+    if holder:
+        return incident.close("already fine", f"{seen.summary}; nothing to do: this run waited "
+                              f"for the lock held by {holder} and stood aside, the target is "
+                              "fine now")
     return incident.close("already fine", f"{seen.summary}; nothing to do")
 
 
 def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[..., R],
            *args: Any, **kwargs: Any) -> Step[R]:
-    """Run one changing step: plan -> approval -> guardrails -> task -> record.
+    """Run one changing step: plan -> guardrails -> approval -> task -> record.
 
-    Not approved (dry run, rejected, stood down) or held back by a guardrail: nothing
-    runs, the incident is closed saying so, and ``Step.closed`` is what the flow returns.
+    Not approved (dry run, rejected, stood down), held back by a guardrail, a plan only (kill
+    switch) or shadow mode: nothing runs, the incident is closed saying so, and
+    ``Step.closed`` is what the flow returns.
     A task that raises is noted on the record (its effect unknown) and the error goes on.
     """
     if CHANGING_TAG not in task.tags or plan.action != task.name:
@@ -196,15 +260,18 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
             "changing task", f"a @changing_task named {plan.action}",
             "declare the task with tasks.common.changing_task and name the plan after it",
         )
+    if not incident.record.dry_run:
+        stopped = check_guardrails(incident, target, plan)
+        if stopped is not None:
+            return Step[R](taken=False, closing=stopped)
     decision = request_approval(incident, plan, target)
     if not decision.approved:
         return Step[R](taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
-    for guardrail in GUARDRAILS:
-        held = guardrail(incident, target, plan)
-        if held:
-            escalate(incident, f"{plan.action} on {plan.target} held back: {held}")
-            return Step[R](taken=False, closing=incident.close(
-                "held back", f"{plan.action} was approved but held back ({held}); nothing changed"))
+    marks = [AUTO_FIX_TAG] if decision.record.by.startswith("policy:") else []
+    if plan.action in load_rules().blast_radius.restart_actions:
+        marks.append(RESTARTED_TAG)
+    if marks:  # before the step starts: a run that dies in it still counts for the guards
+        add_run_tags(*marks)
     incident.record.in_progress = f"{plan.action} on {plan.target}"
     incident.enter("fix", f"starting {plan.action} on {plan.target}")  # saved before it runs
     try:
@@ -222,13 +289,56 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
     return Step[R](taken=True, done=result)
 
 
+def check_guardrails(incident: Incident, target: Target, plan: ActionPlan) -> State | None:
+    """The guardrails of one changing step (``incident/guardrails.py``), before anyone is asked
+    to approve it: the closed state when the step must not run, else None."""
+    rec = incident.record
+    run_id = current_run.get_id()
+    rules = load_rules()
+    if kill_switch_on():
+        rec.kill_switch = True
+        add_run_tags("kill-switch-on")
+        incident.guardrail("fix", f"the kill switch ({KILL_SWITCH}) is on: {plan.action} on "
+                           f"{plan.target} is only a plan")
+        escalate(incident, f"the kill switch is on: {plan.action} on {plan.target} ({plan.runs}) "
+                 f"was not run; a human must decide; {rec.changes()}")
+        return incident.close("plan only", f"kill switch on: would run {plan.action}: {plan.runs}; "
+                              f"{_before(rec, plan)}")
+    policy = matching_policy(plan, target, rec.scenario)
+    if rec.shadow:
+        who = (f"policy {policy.name} would have approved it" if policy
+               else "a human would have been asked to approve it")
+        incident.guardrail("fix", f"shadow: would run {plan.action} on {plan.target}: {plan.runs} ({who})")
+        return incident.close("shadow", f"shadow mode: would run {plan.action}: {plan.runs} ({who}); "
+                              f"{_before(rec, plan)}")
+    lock = _LOCKS.get(str(run_id)) if run_id else None
+    held = lock.lost if lock is not None else None
+    held = held or judge_blast_radius(rec, plan.action, plan.target, rules.blast_radius, run_id)
+    if held is None and policy is not None:  # the loop guard stops automatic fixes only
+        verdict = judge_loop(rec, rules.for_scenario(rec.scenario), run_id)
+        if verdict.held:
+            held = f"{verdict.held}; automatic fixes in the window: {verdict.history()}"
+    if held is None:
+        return None
+    incident.guardrail("fix", f"{plan.action} on {plan.target} held back: {held}")
+    escalate(incident, f"{plan.action} on {plan.target} held back by a guardrail: {held}; "
+             f"{rec.changes()}; a human must decide")
+    return incident.close("held back", f"{plan.action} held back ({held}); {_before(rec, plan)}")
+
+
+def _before(rec: IncidentRecord, plan: ActionPlan) -> str:
+    """What the run changed before a step that did not run, or that nothing changed."""
+    if any(a.changed for a in rec.actions):
+        return f"{plan.action} did not run; before it, {rec.changes()}"
+    return "nothing changed"
+
+
 def close_unapproved(incident: Incident, decision: str, plan: ActionPlan) -> State:
     """Close the incident after a step that was not approved: that step changed nothing, and
     the summary says what earlier steps of the run did change."""
     rec = incident.record
     changed_before = any(a.changed for a in rec.actions)
-    done = (f"{plan.action} did not run; before it, {rec.changes()}" if changed_before
-            else "nothing changed")
+    done = _before(rec, plan)
     if decision == "dry run":
         return incident.close("dry run", f"would run {plan.action}: {plan.runs}; {done}")
     if decision == "stood down":

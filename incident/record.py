@@ -26,7 +26,7 @@ from incident.inventory import Severity, Target
 
 Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
-                  "resolved without action", "held back"]
+                  "resolved without action", "held back", "shadow", "plan only"]
 ALERT_UPDATE_PREFIX = "alert-update-"
 
 
@@ -97,6 +97,12 @@ class IncidentRecord(BaseModel):
     approvals: list[ApprovalRecord] = []
     verification: str | None = None
     escalations: list[str] = []
+    shadow: bool = Field(default=False, description="shadow mode (policies/guardrails.yaml): the "
+                         "changing steps only say what they would have done")
+    kill_switch: bool = Field(default=False, description="the kill switch was on when a changing "
+                              "step came: it became a plan")
+    guardrails: list[str] = Field(default=[], description="what the guardrails did in this run "
+                                  "(the target's lock, held-back steps)")
     in_progress: str | None = Field(
         default=None, description="The changing step running now ('<action> on <target>'): "
         "saved before the step starts, so a run that dies mid-step leaves a true record")
@@ -115,6 +121,10 @@ class IncidentRecord(BaseModel):
                 f"scenario:{self.scenario}", f"service:{self.target}", f"env:{self.environment}"]
         if self.dry_run:
             tags.append("dry-run")
+        if self.shadow:
+            tags.append("shadow")
+        if self.kill_switch:
+            tags.append("kill-switch-on")
         if self.outcome != "open":
             tags.append(f"outcome:{self.outcome.replace(' ', '-')}")
         return tags
@@ -157,6 +167,12 @@ class Incident:
     def note(self, phase: Phase, event: str) -> None:
         """A timeline line; the report is republished at the next phase, action or decision."""
         self._log(phase, event, publish=False)
+
+    def guardrail(self, phase: Phase, event: str) -> None:
+        """What a guardrail did (took or waited for the lock, held a step back), on the
+        timeline and in the report's Guardrails section."""
+        self.record.guardrails.append(event)
+        self._log(phase, event)
 
     def finding(self, check: str, ok: bool, detail: str) -> None:
         self.record.findings.append(Finding(at=_now(), check=check, ok=ok, detail=detail))
@@ -246,7 +262,8 @@ def _run_id() -> UUID | None:
     return UUID(run_id) if run_id else None
 
 
-_MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run")
+_MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run",
+                 "shadow", "kill-switch-on")
 
 
 def _set_run(name: str | None = None, tags: list[str] | None = None,
@@ -261,6 +278,17 @@ def _set_run(name: str | None = None, tags: list[str] | None = None,
             current = client.read_flow_run(run_id).tags
             tags = [t for t in current if not t.startswith(_MANAGED_TAGS)] + tags
         client.update_flow_run(run_id, name=name, tags=tags)
+
+
+def add_run_tags(*tags: str, run_id: UUID | None = None) -> None:
+    """Add tags to the flow run (this one by default) and keep the ones it has: the marks the
+    guardrails count in the run history (``auto-fix``, ``restarted``, ``lock:<service>``)."""
+    run_id = run_id or _run_id()
+    if not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id).tags
+        client.update_flow_run(run_id, tags=current + [t for t in tags if t not in current])
 
 
 def _description(r: IncidentRecord) -> str:
@@ -366,7 +394,8 @@ def render_report(r: IncidentRecord) -> str:
     lines = [
         f"# Incident {r.incident_id}: {r.scenario} on {r.target}",
         "",
-        f"**Status:** {r.outcome}{' (DRY RUN)' if r.dry_run else ''}  ",
+        f"**Status:** {r.outcome}{' (DRY RUN)' if r.dry_run else ''}"
+        f"{' (SHADOW MODE)' if r.shadow else ''}{' (KILL SWITCH ON)' if r.kill_switch else ''}  ",
         f"**Severity:** {r.severity.value}  **Environment:** {r.environment}  ",
         f"**Opened:** {_t(r.opened_at)}  **Closed:** {_t(r.closed_at)}  "
         f"**Duration:** {int(duration.total_seconds())} s",
@@ -394,6 +423,8 @@ def render_report(r: IncidentRecord) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {a.at:%H:%M:%S} | {a.action} | {a.target} | {'yes' if a.changed else 'no'} | "
               f"{_cell(a.detail)} |" for a in r.actions] or ["| - | none | - | - | - |"]
+    if r.guardrails:
+        lines += ["", "## Guardrails", ""] + [f"- {_md(g)}" for g in r.guardrails]
     lines += ["", "## Verification", "", r.verification or "_not run yet_"]
     if r.escalations:
         lines += ["", "## Escalations", ""] + [f"- {_md(e)}" for e in r.escalations]

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         default=REPO_ROOT / "policies" / "approval.yaml",
         description="Auto-approval policy file (reviewed like code).",
     )
+    guardrails: Path = Field(
+        default=REPO_ROOT / "policies" / "guardrails.yaml",
+        description="Guardrail rules (loop guard, shadow mode, blast radius, target lock), "
+        "reviewed like code.",
+    )
     approval_timeout_s: int = Field(
         default=900, description="How long a destructive step waits for a human decision."
     )

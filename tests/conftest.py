@@ -22,6 +22,17 @@ os.environ["RUNBOOKS_STATE_DIR"] = str(_STATE)
 os.environ["RUNBOOKS_INVENTORY"] = str(_STATE / "lab" / "inventory.yaml")
 os.environ["RUNBOOKS_APPROVAL_POLL_S"] = "1"
 
+# Guardrails for the whole session: the reviewed rules, but with limits no ordinary test
+# reaches (tests heal `web` dozens of times an hour, which the loop guard rightly stops) and
+# a lock polled often. tests/incident/test_guardrails.py tightens them per test.
+PERMISSIVE_GUARDRAILS = _STATE / "guardrails.yaml"
+PERMISSIVE_GUARDRAILS.write_text(
+    "defaults: {max_automatic_fixes: 10000, max_failed_fixes: 10000}\n"
+    "scenarios: {}\n"
+    "blast_radius: {max_restarts_per_service: 10000}\n"
+    "lock: {wait_s: 600, lease_s: 60, poll_s: 0.5}\n")
+os.environ["RUNBOOKS_GUARDRAILS"] = str(PERMISSIVE_GUARDRAILS)
+
 # --- secrets canary (tests/test_secrets_canary.py) -------------------------------------------
 # One marker per session inside every secret the run uses: the lab's generated passwords and
 # tokens (lab.context.new_secret reads it) and the gateway fixture's secrets. The last test of

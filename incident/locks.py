@@ -1,0 +1,172 @@
+"""The per-target lock: two runs never change one target at once.
+
+One Prefect global concurrency limit per target service, ``runbooks-target-<service>``, with
+one slot (created on first use; visible under Concurrency in the UI). A run takes the slot
+with a **lease** before its diagnosis and keeps it until it ends - across approval pauses,
+which a deployment concurrency slot would not survive - renewing the lease every
+``lease_s / 3`` from a thread of its own process. A run that dies stops renewing: the server
+frees the slot at most ``lease_s`` (plus its 15 s sweep) later. Any run counts - alert-started,
+manual, any scenario - because the lock is taken by the flow, not by whoever started it.
+
+The holder is tagged ``lock:<service>`` so that a waiting run can say who it waits for.
+Leases live in the Prefect server's lease storage; the stack runs the server with the
+file-based storage (``deployments/stack.py``) so that a server restart keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from incident.guardrails import LockRules
+
+log = logging.getLogger("incident.locks")
+
+LOCK_PREFIX = "runbooks-target-"
+HOLDER_TAG_PREFIX = "lock:"
+CALL_TIMEOUT_S = 10.0
+
+
+def lock_name(target: str) -> str:
+    return f"{LOCK_PREFIX}{target}"
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _transient(exc: BaseException) -> bool:
+    status = _status(exc)
+    return isinstance(exc, httpx.TransportError) or (status is not None and status >= 500)
+
+
+class TargetLock:
+    """The lock of one target, for one run (``acquire`` once, ``release`` at the end)."""
+
+    def __init__(self, target: str, run_id: UUID | None, rules: LockRules) -> None:
+        self.target = target
+        self.name = lock_name(target)
+        self.run_id = run_id
+        self.rules = rules
+        self.lease_id: UUID | None = None
+        self.lost: str | None = None  # why the lease is gone while the run still lives
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    # -- taking it ------------------------------------------------------------------------
+    def acquire(self, on_wait: Callable[[str], None]) -> float | None:
+        """Take the lock, waiting up to ``rules.wait_s``; the seconds waited, or None if it
+        stayed busy. ``on_wait(holder)`` is called once, when the run starts waiting."""
+        self._ensure_limit()
+        started = time.monotonic()
+        deadline = started + self.rules.wait_s
+        told = False
+        while True:
+            try:
+                self.lease_id = self._try_take()
+            except Exception as exc:
+                if not _transient(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("taking the lock %s failed (%s); retrying", self.name, exc)
+            if self.lease_id is not None:
+                self._start_renewing()
+                return time.monotonic() - started
+            if not told:
+                on_wait(self.holder())
+                told = True
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(self.rules.poll_s, max(deadline - time.monotonic(), 0.0)))
+
+    def _ensure_limit(self) -> None:
+        with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(self.name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
+                        name=self.name, limit=1))
+                except ObjectAlreadyExists:
+                    pass  # another run created it meanwhile: the same limit
+
+    def _try_take(self) -> UUID | None:
+        holder = ConcurrencyLeaseHolder(type="flow_run", id=self.run_id) if self.run_id else None
+        with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[self.name], slots=1, mode="concurrency",
+                    lease_duration=self.rules.lease_s, holder=holder)
+            except Exception as exc:
+                if _status(exc) == 423:  # held by another run
+                    return None
+                raise
+        return ConcurrencyLimitWithLeaseResponse.model_validate(response.json()).lease_id
+
+    def holder(self) -> str:
+        """Who holds the lock now, as far as the run history says."""
+        with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[HOLDER_TAG_PREFIX + self.target])), limit=20)
+        live = [r for r in runs if r.state is not None and not r.state.is_final()
+                and str(r.id) != str(self.run_id)]
+        if not live:
+            return "a run that ended moments ago, or one that died (its lease runs out)"
+        run = live[0]
+        state = run.state.name if run.state is not None else "?"
+        return f"run {run.name!r} ({state})"
+
+    # -- keeping it -------------------------------------------------------------------------
+    def _start_renewing(self) -> None:
+        self._renewer = threading.Thread(target=self._renew_until_stopped, daemon=True,
+                                         name=f"lease-{self.name}")
+        self._renewer.start()
+
+    def _renew_until_stopped(self) -> None:
+        lease = self.lease_id
+        assert lease is not None, "renewing a lock that was not taken"
+        every = self.rules.lease_s / 3
+        last_ok = time.monotonic()
+        while not self._stop.wait(every):
+            try:
+                with get_client(sync_client=True,
+                                httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+                    client.renew_concurrency_lease(lease_id=lease, lease_duration=self.rules.lease_s)
+                last_ok = time.monotonic()
+            except Exception as exc:
+                if _transient(exc) and time.monotonic() - last_ok < self.rules.lease_s:
+                    log.warning("renewing the lock %s failed (%s); trying again in %.0f s",
+                                self.name, exc, every)
+                    continue
+                self.lost = (f"the lease on the lock {self.name} could not be renewed "
+                             f"({type(exc).__name__}: {exc}); another run may hold it now")
+                log.error("%s", self.lost)
+                return
+
+    # -- giving it back ---------------------------------------------------------------------
+    def release(self) -> None:
+        """Give the lock back. A failure is logged: the lease then runs out by itself."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=CALL_TIMEOUT_S)
+        if self.lease_id is None:
+            return
+        lease, self.lease_id = self.lease_id, None
+        try:
+            with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+                client.release_concurrency_slots_with_lease(lease)
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself; say so
+            log.warning("could not give back the lock %s (%s: %s); it frees itself within %d s "
+                        "when its lease runs out", self.name, type(exc).__name__, exc,
+                        self.rules.lease_s)
