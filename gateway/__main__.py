@@ -40,6 +40,7 @@ def build_app(settings: GatewaySettings):
     from gateway.app import create_app
     from gateway.intake import AlertIntake, Dispatcher
     from gateway.routing import Router
+    from gateway.slots import RunnerSlots
     from gateway.store import AlertStore
 
     settings.check_can_start()  # before anything is created
@@ -48,8 +49,10 @@ def build_app(settings: GatewaySettings):
         log.warning("accepting alerts WITHOUT verification from %s (RUNBOOKS_GATEWAY_INSECURE_SOURCES, "
                     "loopback only); set their secrets before exposing the gateway", ", ".join(unverified))
     store = AlertStore(settings.store_path, retention_days=settings.retention_days)
-    dispatcher = Dispatcher(store, mode=settings.dispatch, max_parallel=settings.max_parallel_runs)
-    app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher))
+    slots = RunnerSlots(settings.max_parallel_runs, settings.max_waiting_runs, settings.max_queued_runs)
+    dispatcher = Dispatcher(store, mode=settings.dispatch, slots=slots)
+    app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher),
+                     runner_load=dispatcher.load if settings.dispatch == "runner" else None)
     app.router.on_startup.append(lambda: _recover_in_background(dispatcher))
     if settings.sweep_interval_s:
         stop_sweeping = _sweep_in_background(settings.sweep_interval_s)
@@ -244,13 +247,27 @@ def recent(settings: GatewaySettings, n: int) -> int:
     if not settings.store_path.exists():
         sys.exit(f"no intake database at {settings.store_path}: has the gateway received anything?")
     rows = AlertStore(settings.store_path, retention_days=settings.retention_days).recent_alerts(n)
+    # dispositions: opened, attached (joined an open incident), duplicate, unrouted, acknowledged,
+    # resolved (the incident's last firing alert), resolved-partial (others still fire), resolved-unknown
     print(f"{'received (UTC)':19}  {'source':12} {'status':8} {'disposition':16} {'incident':20} "
           f"{'outcome':22} summary / reason")
     for r in rows:
         outcome = r["outcome"] or (r["incident_status"] or "")
         print(f"{r['received_at'][:19]:19}  {r['source']:12} {r['status']:8} {r['disposition']:16} "
-              f"{r['incident_id'] or '-':20} {outcome[:22]:22} {r['summary'] or r['reason'] or ''}")
+              f"{r['incident_id'] or '-':20} {outcome[:22]:22} {_what(r)}")
     return 0
+
+
+#: dispositions whose reason says what became of the incident (joined it, it stays open)
+_REASON_SHOWN = ("attached", "resolved-partial")
+
+
+def _what(row: dict) -> str:
+    """The alert's summary (or the reason it started nothing), with what it did to its incident."""
+    text = row["summary"] or row["reason"] or ""
+    if row["disposition"] in _REASON_SHOWN and row["reason"] and row["summary"]:
+        return f"{row['summary']} ({row['reason']})"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,12 @@ Request pipeline (each step answers with a JSON ``{"error": ..., "detail": ...}`
    field; a well-formed delivery without alert state change -> 202 with ``ignored``;
    more than ``max_alerts_per_delivery`` alerts -> 413;
 5. ``intake.accept(alerts, delivery)`` -> 202 with a summary. An intake failure is
-   503, so that senders that retry on 5xx (Alertmanager, Grafana) deliver again.
+   503, so that senders that retry on 5xx (Alertmanager, Grafana) deliver again. So is a
+   full runner queue (:class:`gateway.errors.RunnerBusy`): 503 "runner busy" with
+   ``Retry-After``, nothing recorded, only for deliveries that carry a firing alert.
+
+``GET /healthz`` shows which sources verify and, in runner dispatch, the runner's load
+(``runner``: working, waiting, resuming, queued runs and their limits).
 
 Bad input never yields a 5xx: parser failures of any kind are 4xx.
 """
@@ -25,7 +30,7 @@ Bad input never yields a 5xx: parser failures of any kind are 4xx.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -35,10 +40,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from gateway.errors import AuthError, NotAnAlert, NotUtf8Error, PayloadError
+from gateway.errors import AuthError, NotAnAlert, NotUtf8Error, PayloadError, RunnerBusy
 from gateway.models import SOURCES, Alert, Delivery
 from gateway.settings import GatewaySettings
 from gateway.signatures import authenticate
+from gateway.slots import RunnerLoad
 from gateway.sources import PARSERS, Parser
 
 log = logging.getLogger("gateway")
@@ -49,7 +55,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body larger than max_body_bytes, or more alerts than max_alerts_per_delivery."},
     415: {"description": "Content type missing or not JSON, or the body is not UTF-8."},
     422: {"description": "Malformed payload; detail names the field."},
-    503: {"description": "Intake unavailable; retry."},
+    503: {"description": "Intake unavailable, or the runner busy (its queue of runs is full): "
+               "nothing was recorded; retry (after Retry-After seconds when given).",
+          "headers": {"Retry-After": {"description": "Seconds to wait before delivering again "
+                                                     "(runner busy).", "schema": {"type": "integer"}}}},
 }
 
 
@@ -62,9 +71,11 @@ class _BodyTooLarge(Exception):
 
 
 def create_app(settings: GatewaySettings, intake: Intake,
-               parsers: Mapping[str, Parser] | None = None) -> FastAPI:
+               parsers: Mapping[str, Parser] | None = None,
+               runner_load: Callable[[], RunnerLoad] | None = None) -> FastAPI:
     """The gateway's app. Raises GatewayConfigError when a source would go unverified
-    without being allowed to (see the settings). ``parsers``: default :data:`PARSERS`."""
+    without being allowed to (see the settings). ``parsers``: default :data:`PARSERS`.
+    ``runner_load``: the runner's load for ``/healthz`` (runner dispatch only)."""
     settings.check_can_start()
     parsers = PARSERS if parsers is None else parsers
     app = FastAPI(title="Incident runbooks alert gateway", version="1",
@@ -79,8 +90,11 @@ def create_app(settings: GatewaySettings, intake: Intake,
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "sources": list(SOURCES),
-                "verification": settings.verification_enabled()}
+        health: dict[str, Any] = {"status": "ok", "sources": list(SOURCES),
+                                  "verification": settings.verification_enabled()}
+        if runner_load is not None:
+            health["runner"] = runner_load().model_dump()
+        return health
 
     for source in SOURCES:
         app.add_api_route(
@@ -139,6 +153,10 @@ def _endpoint(source: str, settings: GatewaySettings, intake: Intake, parse: Par
         )
         try:
             result = await intake.accept(alerts, delivery)
+        except RunnerBusy as exc:
+            log.warning("refused %s delivery %s (503, retry after %d s): %s", source,
+                        delivery.delivery_id, exc.retry_after_s, exc)
+            return _error(503, "runner busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
         except Exception as exc:
             log.exception("intake failed for %s delivery %s", source, delivery.delivery_id)
             return _error(503, "intake unavailable",
@@ -204,5 +222,5 @@ def _too_large(settings: GatewaySettings) -> JSONResponse:
                   "(RUNBOOKS_GATEWAY_MAX_BODY_BYTES)")
 
 
-def _error(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail}, headers=headers)

@@ -41,3 +41,14 @@ class RoutesFileError(GatewayError):
 
 class GatewayConfigError(GatewayError):
     """The gateway's settings are unsafe or inconsistent; it refuses to start until they are fixed."""
+
+
+class RunnerBusy(GatewayError):
+    """The runner's queue is full: the delivery was not recorded (HTTP 503 with Retry-After).
+
+    Raised before the store sees the delivery, so that the sender's retry is news, not a
+    duplicate."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from uuid import UUID
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +41,10 @@ from prefect.input import keyset_from_paused_state
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Crashed, Pending, State
 
+from gateway.errors import RunnerBusy
 from gateway.models import Alert, Delivery
 from gateway.routing import Router
+from gateway.slots import RunnerLoad, RunnerSlots
 from gateway.store import AlertStore, TrackedIncident, IntakeResult
 from incident.errors import RunbookError
 from incident.escalation import EscalationNotice
@@ -51,6 +52,7 @@ from incident.inventory import load_target
 from incident.kit import close_run_from_outside
 from incident.record import Trigger, add_alert_update
 from incident.settings import REPO_ROOT
+from incident.waiting import register_slot, unregister_slot
 
 log = logging.getLogger("gateway.intake")
 
@@ -65,11 +67,12 @@ def _environment_of(target: str) -> str:
 DISPATCH_EVENT = "runbooks.incident.dispatch"
 CREATE_RUN_PATIENCE_S = 300.0
 OPENED_EVENT = "runbooks.incident.opened"
+#: what a 503 "runner busy" asks the sender to wait before it delivers again
+RETRY_AFTER_S = 30
 
 
 def trigger_of(alert: Alert) -> Trigger:
-    return Trigger(kind="alert", source=alert.source,
-                   summary=alert.summary or ", ".join(f"{k}={v}" for k, v in alert.labels.items()),
+    return Trigger(kind="alert", source=alert.source, summary=_summary_of(alert),
                    fingerprint=alert.fingerprint, fired_at=alert.starts_at,
                    labels=alert.labels, links=list(alert.links.values()))
 
@@ -84,37 +87,72 @@ class Dispatcher:
 
     Runner mode has two stages so that a busy runner never hides an incident: a small
     pool creates each flow run at once (Pending, visible in the UI with its incident
-    tags), then the run waits for one of ``max_parallel`` executor threads. Runs that wait
-    for an approval hold their thread, so ``max_parallel`` bounds remediations in flight.
+    tags), then the run waits for one of ``max_parallel`` working slots
+    (:class:`gateway.slots.RunnerSlots`). A run that waits (approval, target lock) gives its
+    slot back and keeps only its thread: there are ``max_parallel + max_waiting`` of them.
+    At most ``max_queued`` runs wait for a first slot: beyond that the intake refuses new
+    firing alerts (503, :meth:`refuse_if_busy`) rather than queue without bound.
     """
 
     def __init__(self, store: AlertStore, mode: Literal["runner", "automation", "shadow"] = "runner",
-                 max_parallel: int = 16) -> None:
+                 slots: RunnerSlots | None = None) -> None:
         self.store = store
         self.mode = mode
-        self.max_parallel = max_parallel
+        self.slots = slots or RunnerSlots()
         self._starts = ThreadPoolExecutor(4, thread_name_prefix="remediation-start")
-        self._runs = ThreadPoolExecutor(max_parallel, thread_name_prefix="remediation")
+        self._runs = ThreadPoolExecutor(self.slots.max_parallel + self.slots.max_waiting,
+                                        thread_name_prefix="remediation")
         self._notes = ThreadPoolExecutor(4, thread_name_prefix="alert-update")
         self._deployments: dict[str, Any] = {}
-        self._in_flight = 0
-        self._lock = threading.Lock()
 
     def shutdown(self) -> None:
-        """Let running remediations finish; drop queued ones - they stay open in the store
-        (and Pending in Prefect) and the next start's ``recover`` runs them."""
+        """Let running (and waiting) remediations finish; drop queued ones - they stay open in
+        the store (and Pending in Prefect) and the next start's ``recover`` runs them."""
         self._starts.shutdown(wait=True, cancel_futures=True)
         self._notes.shutdown(wait=True)
+        self.slots.close()
         self._runs.shutdown(wait=True, cancel_futures=True)
+
+    def load(self) -> RunnerLoad:
+        """How many runs work, wait and queue in this runner (runner mode; ``/healthz``)."""
+        return self.slots.load()
+
+    def refuse_if_busy(self, firing: int) -> None:
+        """Raise RunnerBusy when the runner's queue is full (runner mode): a delivery with
+        ``firing`` alerts that may open incidents is refused before anything is recorded, so
+        the sender's retry is news, not a duplicate."""
+        if self.mode != "runner" or not self.slots.full():
+            return
+        load = self.slots.load()
+        raise RunnerBusy(
+            f"the runner has {load.queued} runs queued for a slot (RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS="
+            f"{load.max_queued}), {load.working} of {load.max_parallel} working and {load.waiting} waiting; "
+            f"the delivery ({firing} firing alerts) was not recorded: deliver it again after "
+            f"{RETRY_AFTER_S} s (senders that retry on 5xx do). If this lasts, raise "
+            "RUNBOOKS_GATEWAY_MAX_PARALLEL_RUNS or look at what the working runs wait for",
+            retry_after_s=RETRY_AFTER_S)
 
     # -- what the intake calls (never blocks the request) ---------------------------------
     def handle(self, outcome: IntakeResult) -> None:
         if self.mode == "shadow":
             return
         if outcome.disposition == "opened" and outcome.incident:
-            self._starts.submit(self._guard, self._open, outcome.incident, outcome.alert)
-        elif outcome.disposition in ("resolved", "attached") and outcome.incident:
+            self._start(outcome.incident, outcome.alert)
+        elif outcome.disposition in ("resolved", "resolved-partial", "attached") and outcome.incident:
             self._notes.submit(self._guard, self._update, outcome.incident, outcome, closes=False)
+
+    def _start(self, inc: TrackedIncident, alert: Alert) -> None:
+        """Create and run the incident's run; in runner mode it counts as queued from now
+        until it has a working slot (or its creation fails)."""
+        queued = self.mode == "runner"
+        if queued:
+            self.slots.enqueue()
+        try:
+            self._starts.submit(self._guard, self._open, inc, alert)
+        except BaseException:  # the dispatcher is shut down: the next start recovers the incident
+            if queued:
+                self.slots.unqueue()
+            raise
 
     def _guard(self, fn, inc: TrackedIncident, *args, closes: bool = True) -> None:
         """Worker-thread boundary: a failure is logged (and, when starting or running, the
@@ -142,18 +180,23 @@ class Dispatcher:
         if self.mode == "automation":
             emit_event(DISPATCH_EVENT, resource=resource, related=related, payload=params)
             return
-        emit_event(OPENED_EVENT, resource=resource, related=related, payload=params)
-        deployment = self._deployment(inc.scenario)
-        ahead = self._in_flight - self.max_parallel + 1  # runs before this one gets a thread
-        message = "started by the alert gateway" + (f"; queued behind {ahead} runs" if ahead > 0 else "")
-        run = self._create_run(inc, deployment.id, params, [f"alert:{alert.source}"], message)
-        self.store.set_flow_run(inc.incident_id, str(run.id))
-        self._submit_run(inc, run, deployment.entrypoint)
+        try:
+            emit_event(OPENED_EVENT, resource=resource, related=related, payload=params)
+            deployment = self._deployment(inc.scenario)
+            run = self._create_run(inc, deployment.id, params, [f"alert:{alert.source}"], self._queue_note())
+            self.store.set_flow_run(inc.incident_id, str(run.id))
+            self._runs.submit(self._guard, self._execute, inc, run, deployment.entrypoint)
+        except BaseException:
+            self.slots.unqueue()  # it will not run: it must not hold a place in the queue
+            raise
 
-    def _submit_run(self, inc: TrackedIncident, run: FlowRun, entrypoint: str) -> None:
-        with self._lock:
-            self._in_flight += 1
-        self._runs.submit(self._guard, self._execute, inc, run, entrypoint)
+    def _queue_note(self) -> str:
+        """The new run's Pending message: whether it waits for a working slot."""
+        load = self.slots.load()
+        if load.working + load.resuming < load.max_parallel:
+            return "started by the alert gateway"
+        return (f"started by the alert gateway; queued: all {load.max_parallel} runner slots are "
+                f"busy, {load.queued - 1} other runs queued")
 
     def _create_run(self, inc: TrackedIncident, deployment_id, params: dict, tags: list[str],
                     message: str) -> FlowRun:
@@ -181,12 +224,21 @@ class Dispatcher:
                 delay = min(delay * 2, 10.0)
 
     def _execute(self, inc: TrackedIncident, run: FlowRun, entrypoint: str) -> None:
+        """Run the flow once it has a working slot; its waits give the slot back
+        (``incident.waiting``), so a paused run keeps only its thread."""
+        run_id = str(run.id)
+        slot = self.slots.start(run_id)
+        if slot is None:
+            log.info("the gateway stops: run %s of %s never started; it stays Pending and the "
+                     "next start of the gateway runs it", run_id, inc.incident_id)
+            return
+        register_slot(run_id, slot)
         try:
             state: State = run_flow(_flow(entrypoint), flow_run=run,  # type: ignore[assignment]
                                     parameters=run.parameters, return_type="state")
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            unregister_slot(run_id)
+            slot.done()
         self.store.close_incident(inc.incident_id, state.name or state.type.value)
 
     # -- after a restart ------------------------------------------------------------------
@@ -217,14 +269,19 @@ class Dispatcher:
 
     def _recover_one(self, inc: TrackedIncident) -> str:
         if inc.flow_run_id is None:
-            alert = self.store.first_alert(inc.incident_id)
-            self._starts.submit(self._guard, self._open, inc, alert)
+            self._start(inc, self.store.first_alert(inc.incident_id))
             return "started"
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(UUID(inc.flow_run_id))
         state = run.state
         if state is None or state.is_pending() or state.is_scheduled():
-            self._submit_run(inc, run, self._deployment(inc.scenario).entrypoint)
+            entrypoint = self._deployment(inc.scenario).entrypoint
+            self.slots.enqueue()
+            try:
+                self._runs.submit(self._guard, self._execute, inc, run, entrypoint)
+            except BaseException:
+                self.slots.unqueue()
+                raise
             return "resumed"
         if state.is_final():
             self.store.close_incident(inc.incident_id, state.name or state.type.value)
@@ -255,19 +312,15 @@ class Dispatcher:
 
     # -- later notifications ------------------------------------------------------------
     def _update(self, inc: TrackedIncident, outcome: IntakeResult) -> None:
+        """The run's record lists every alert that joined the incident and every resolve; only
+        the resolve of its last firing alert stands a paused run down."""
         run_id = self._flow_run_of(inc)
-        alert = outcome.alert
-        if outcome.disposition == "resolved":
-            text = (f"{alert.source} reports the alert RESOLVED"
-                    + (f" (ended {alert.ends_at:%H:%M:%S} UTC)" if alert.ends_at else ""))
-        else:
-            text = f"{alert.source} fired again (episode {alert.episode_key}): attached, no new run"
-        add_alert_update(run_id, inc.incident_id, text)
+        add_alert_update(run_id, inc.incident_id, update_text(outcome))
         if outcome.disposition != "resolved":
             return
         if self.mode == "automation":
             self.store.close_incident(inc.incident_id, "alert resolved")
-        self._stand_down(run_id, alert.source)
+        self._stand_down(run_id, outcome.alert.source)
 
     def _stand_down(self, run_id, source: str) -> None:
         """A run paused for an approval ends Resolved Without Action: the gateway answers the
@@ -301,6 +354,24 @@ class Dispatcher:
                 raise LookupError(f"no flow run found for {inc.incident_id} after {wait_s:.0f} s; "
                                   "check the gateway log and the deployment's automation")
             time.sleep(0.5)
+
+
+def update_text(outcome: IntakeResult) -> str:
+    """The line an attached or resolved alert adds to the run's record ("Alert updates")."""
+    alert = outcome.alert
+    what = f"{_summary_of(alert)} (fingerprint {alert.fingerprint})"
+    ended = f" (ended {alert.ends_at:%H:%M:%S} UTC)" if alert.ends_at else ""
+    if outcome.disposition == "resolved":
+        return f"{alert.source} reports the alert RESOLVED{ended}: {what}; no alert of the incident fires any more"
+    if outcome.disposition == "resolved-partial":
+        firing = outcome.still_firing
+        return (f"{alert.source} reports an alert resolved{ended}: {what}; the incident stays open: "
+                f"{firing} other alert{'s' if firing != 1 else ''} still fire{'' if firing != 1 else 's'}")
+    return f"{alert.source} alert joined: {what}: attached to this incident, no new run"
+
+
+def _summary_of(alert: Alert) -> str:
+    return alert.summary or ", ".join(f"{k}={v}" for k, v in alert.labels.items())
 
 
 def stand_down_input(source: str) -> dict[str, str]:
@@ -339,6 +410,12 @@ class AlertIntake:
         return self.store.record_delivery(delivery, alerts, self.router.route_all(alerts))
 
     async def accept(self, alerts: list[Alert], delivery: Delivery) -> dict[str, Any]:
+        """Record, decide, dispatch. Raises RunnerBusy, before recording anything, when the
+        runner's queue is full and the delivery carries an alert that may open an incident
+        (firing, not acknowledged); resolves are always accepted: they free runs."""
+        firing = sum(a.status == "firing" and not a.acknowledged for a in alerts)
+        if firing:
+            self.dispatcher.refuse_if_busy(firing)
         outcomes = await anyio.to_thread.run_sync(self._record, alerts, delivery)
         for outcome in outcomes:
             self.dispatcher.handle(outcome)
@@ -347,5 +424,7 @@ class AlertIntake:
             "alerts": [{"fingerprint": o.alert.fingerprint, "status": o.alert.status,
                         "disposition": o.disposition,
                         "incident_id": o.incident.incident_id if o.incident else None,
-                        "reason": o.reason or None} for o in outcomes],
+                        "reason": o.reason or None,
+                        **({"still_firing": o.still_firing} if o.disposition == "resolved-partial" else {})}
+                       for o in outcomes],
         }

@@ -73,7 +73,19 @@ class GatewaySettings(BaseSettings):
         default="runner", description="runner: start flow runs in the gateway's long-lived runner "
         "(fast); automation: emit an event for the prefect.yaml deployment trigger; shadow: "
         "record and decide (incidents, dedup) but start nothing.")
-    max_parallel_runs: int = Field(default=16, ge=1, description="Remediations run at once (runner).")
+    max_parallel_runs: int = Field(
+        default=16, ge=1, description="Runs the runner lets work at once (runner dispatch). A run "
+        "that waits (for an approval, for another run's lock on its target) gives its slot back "
+        "meanwhile, so paused runs do not block new incidents.")
+    max_waiting_runs: int = Field(
+        default=64, ge=0, description="Runs that may wait (approval, target lock) beside the working "
+        "ones (runner dispatch): the runner has max_parallel_runs + max_waiting_runs threads, and a "
+        "waiting run keeps its thread. When they are all taken, new runs queue.")
+    max_queued_runs: int = Field(
+        default=32, ge=1, description="Runs that may queue for a first working slot (runner dispatch). "
+        "When that many queue, deliveries carrying a firing alert are refused with 503 and "
+        "Retry-After, before anything is recorded, so the sender delivers them again later; "
+        "deliveries of resolved alerts only are still accepted.")
     insecure_sources: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of sources allowed to run without "
         "verification (loopback only), e.g. 'grafana,sentry'. Every other source needs its secret.")

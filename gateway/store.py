@@ -11,7 +11,16 @@ SQLite (WAL) in the state dir: one transaction per delivery, so what was answere
   opens at most one incident until it resolves; a regression after the resolve opens a new one;
 * a partial unique index on ``incidents.fingerprint WHERE status = 'open'``: a re-fire
   (new episode, same alert) while an incident is open is attached to it, not a new run;
-* a resolve only ever lands on an incident opened by the same source.
+* one incident per remediation target: a firing alert that routes to a (scenario, target)
+  with an open, unresolved incident joins it ("attached"), whatever its source and labels
+  (Alertmanager and Grafana both alerting on the same outage start one run, not two that
+  change the same service). Decided in the delivery's write transaction (``BEGIN
+  IMMEDIATE``, one writer at a time), so two deliveries cannot both open one;
+* ``incident_alerts`` keeps every alert (source + episode) that joined an incident, the
+  opening one included. A resolve lands only on an alert of its own source and episode, and
+  resolves the incident only once every alert that joined it has resolved: until then it is
+  "resolved-partial" and the run goes on (a paused run is not stood down while another
+  alert about the same target still fires).
 
 What is kept (the file is 0600, its directory private): the normalised fields the
 gateway needs - identity, status, labels, summary, severity, times, links, what was
@@ -40,10 +49,10 @@ from gateway.routing import RouteDecision
 
 log = logging.getLogger("gateway.store")
 
-Disposition = Literal["opened", "attached", "duplicate", "unrouted", "resolved", "resolved-unknown",
-                      "acknowledged"]
+Disposition = Literal["opened", "attached", "duplicate", "unrouted", "resolved", "resolved-partial",
+                      "resolved-unknown", "acknowledged"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PRUNE_EVERY = timedelta(hours=1)
 
 SCHEMA = """
@@ -67,6 +76,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_incident_per_unresolved_episode
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_incident_per_alert
     ON incidents(fingerprint) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS incidents_by_episode ON incidents(source, episode_key);
+CREATE INDEX IF NOT EXISTS open_incidents_by_target ON incidents(scenario, target) WHERE status = 'open';
+CREATE TABLE IF NOT EXISTS incident_alerts (
+    id INTEGER PRIMARY KEY, incident_id TEXT NOT NULL REFERENCES incidents(incident_id),
+    source TEXT NOT NULL, episode_key TEXT NOT NULL, fingerprint TEXT NOT NULL, summary TEXT,
+    joined_at TEXT NOT NULL, resolved_at TEXT, UNIQUE (incident_id, source, episode_key));
+CREATE INDEX IF NOT EXISTS incident_alerts_by_episode ON incident_alerts(source, episode_key);
 CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(received_at);
 CREATE INDEX IF NOT EXISTS alerts_by_incident ON alerts(incident_id);
 CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries(received_at);
@@ -102,10 +117,38 @@ _MIGRATE_FROM_1 = [
     "DROP TABLE seen_v1",
 ]
 
+#: schema 2 knew only the alert that opened an incident (and re-fires, as attached alert rows):
+#: both are back-filled as its joined alerts. Schema 2 kept no per-alert resolve, so each takes
+#: the incident's: a resolved incident stays resolved, an unresolved one has all its alerts firing.
+_MIGRATE_FROM_2 = [
+    *[s.strip() for s in SCHEMA.split(";") if s.strip()],
+    """INSERT OR IGNORE INTO incident_alerts (incident_id, source, episode_key, fingerprint, summary,
+           joined_at, resolved_at)
+       SELECT i.incident_id, i.source, i.episode_key, i.fingerprint,
+           (SELECT a.summary FROM alerts a WHERE a.incident_id = i.incident_id
+            AND a.disposition = 'opened' ORDER BY a.id LIMIT 1),
+           i.opened_at, i.resolved_at FROM incidents i""",
+    """INSERT OR IGNORE INTO incident_alerts (incident_id, source, episode_key, fingerprint, summary,
+           joined_at, resolved_at)
+       SELECT a.incident_id, a.source, a.episode_key, a.fingerprint, a.summary, MIN(a.received_at),
+           i.resolved_at
+       FROM alerts a JOIN incidents i ON i.incident_id = a.incident_id
+       WHERE a.disposition = 'attached' GROUP BY a.incident_id, a.source, a.episode_key""",
+]
+
 
 def stored_body(alert: Alert) -> str:
     """Only the kept fields are serialised: ``extra`` (the sender's, any shape) never is."""
     return json.dumps(alert.model_dump(mode="json", include=set(STORED_FIELDS)))
+
+
+#: a dedup key (``{key}``) of the episode of a joined alert ``j``: "<source>|<episode>|<state>"
+_KEY_OF_JOINED = ("substr({key}, 1, length(j.source) + length(j.episode_key) + 2)"
+                  " = j.source || '|' || j.episode_key || '|'")
+
+#: an incident among whose joined alerts is this source + episode (``_find`` condition)
+_JOINED_BY_EPISODE = ("incident_id IN (SELECT incident_id FROM incident_alerts"
+                      " WHERE source = ? AND episode_key = ?)")
 
 
 class TrackedIncident(BaseModel):
@@ -127,6 +170,19 @@ class TrackedIncident(BaseModel):
     flow_run_id: str | None = None
 
 
+class JoinedAlert(BaseModel):
+    """One alert (source + episode) that joined an incident: the one that opened it, or a
+    later one that attached to it. The incident resolves when all of them have."""
+
+    incident_id: str
+    source: str
+    episode_key: str
+    fingerprint: str
+    summary: str | None = None
+    joined_at: datetime
+    resolved_at: datetime | None = None
+
+
 class IntakeResult(BaseModel):
     """What the intake decided for one alert of a delivery (not a run's outcome: that is
     ``incident.record.Outcome``)."""
@@ -136,6 +192,8 @@ class IntakeResult(BaseModel):
     incident: TrackedIncident | None = None
     route: RouteDecision | None = None
     reason: str = ""
+    still_firing: int = 0
+    """resolved-partial: how many other alerts of the incident still fire."""
 
 
 def _now() -> datetime:
@@ -201,32 +259,44 @@ class AlertStore:
         self._db.close()
 
     def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION, in one transaction: a new store is created, an
+        older one migrated step by step (1 -> 2 -> 3)."""
         db = self._db
         with self._lock:
             db.execute("BEGIN IMMEDIATE")
             try:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                migrated = version < SCHEMA_VERSION and "incidents" in tables
-                if migrated:
-                    for statement in _MIGRATE_FROM_1:
-                        db.execute(statement, {"now": _ts(_now())} if ":now" in statement else ())
-                    for row_id, body in db.execute("SELECT id, body FROM alerts").fetchall():
-                        kept = {k: v for k, v in json.loads(body).items() if k in STORED_FIELDS}
-                        db.execute("UPDATE alerts SET body = ? WHERE id = ?", (json.dumps(kept), row_id))
-                elif version < SCHEMA_VERSION:
+                migrated_from = version if version < SCHEMA_VERSION and "incidents" in tables else None
+                if migrated_from is None and version < SCHEMA_VERSION:
                     for statement in (s.strip() for s in SCHEMA.split(";")):
                         if statement:
                             db.execute(statement)
+                if migrated_from is not None and migrated_from < 2:
+                    self._migrate_from_1(db)
+                if migrated_from is not None and migrated_from < 3:
+                    for statement in _MIGRATE_FROM_2:
+                        db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        if migrated:
+        if migrated_from is not None and migrated_from < 2:
             db.execute("VACUUM")  # the dropped payload fields must not linger in free pages
-            log.warning("migrated the intake store %s to schema %d: payload fields beyond the "
-                        "normalised alert dropped", self.path, SCHEMA_VERSION)
+            log.warning("migrated the intake store %s from schema 1: payload fields beyond the "
+                        "normalised alert dropped", self.path)
+        if migrated_from is not None:
+            log.warning("migrated the intake store %s to schema %d: the alerts that joined each "
+                        "incident are back-filled (its opening alert and re-fires)", self.path, SCHEMA_VERSION)
+
+    @staticmethod
+    def _migrate_from_1(db: sqlite3.Connection) -> None:
+        for statement in _MIGRATE_FROM_1:
+            db.execute(statement, {"now": _ts(_now())} if ":now" in statement else ())
+        for row_id, body in db.execute("SELECT id, body FROM alerts").fetchall():
+            kept = {k: v for k, v in json.loads(body).items() if k in STORED_FIELDS}
+            db.execute("UPDATE alerts SET body = ? WHERE id = ?", (json.dumps(kept), row_id))
 
     # -- intake -------------------------------------------------------------------------
     def record_delivery(self, delivery: Delivery, alerts: list[Alert],
@@ -276,30 +346,20 @@ class AlertStore:
             # the episode is over: its next firing (a regression) is news, not a redelivery
             db.execute("DELETE FROM seen WHERE key IN (?, ?)",
                        (seen_key(alert, "firing"), seen_key(alert, "acknowledged")))
-            inc = self._find(db, "source = ? AND episode_key = ?", alert.source, alert.episode_key,
-                             order="resolved_at IS NULL DESC, opened_at DESC") or \
-                self._find(db, "source = ? AND fingerprint = ? AND status = 'open'",
-                           alert.source, alert.fingerprint)
-            if inc is None:
-                return IntakeResult(alert=alert, disposition="resolved-unknown", route=route,
-                                    reason=f"resolved, but no incident was opened for it by {alert.source}")
-            db.execute("UPDATE incidents SET resolved_at = ? WHERE incident_id = ?",
-                       (_ts(now), inc.incident_id))
-            return IntakeResult(alert=alert, disposition="resolved", route=route,
-                                incident=inc.model_copy(update={"resolved_at": now}))
+            return self._resolve(db, alert, route, now)
         db.execute("DELETE FROM seen WHERE key = ?", (seen_key(alert, "resolved"),))
         if alert.acknowledged:
-            inc = self._find(db, "source = ? AND episode_key = ?", alert.source, alert.episode_key)
+            inc = self._find(db, _JOINED_BY_EPISODE, alert.source, alert.episode_key)
             return IntakeResult(alert=alert, disposition="acknowledged", incident=inc, route=route,
                                 reason="acknowledged by a human: no new remediation")
         if not route.routed:
             return IntakeResult(alert=alert, disposition="unrouted", route=route, reason=route.reason)
-        open_inc = self._find(db, "source = ? AND episode_key = ? AND resolved_at IS NULL",
-                              alert.source, alert.episode_key) or \
-            self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
-        if open_inc is not None:
+        found = self._open_incident_for(db, alert, route)
+        if found is not None:
+            open_inc, reason = found
+            self._join(db, open_inc.incident_id, alert, now)
             return IntakeResult(alert=alert, disposition="attached", incident=open_inc, route=route,
-                                reason=f"incident {open_inc.incident_id} already {open_inc.status} for it")
+                                reason=reason)
         inc = TrackedIncident(incident_id=new_incident_id(now), source=alert.source,
                               episode_key=alert.episode_key, fingerprint=alert.fingerprint,
                               scenario=route.scenario or "", target=route.target or "",
@@ -309,7 +369,66 @@ class AlertStore:
             " severity, status, opened_at) VALUES (?,?,?,?,?,?,?,?,?)",
             (inc.incident_id, inc.source, inc.episode_key, inc.fingerprint, inc.scenario, inc.target,
              inc.severity, inc.status, _ts(now)))
+        self._join(db, inc.incident_id, alert, now)
         return IntakeResult(alert=alert, disposition="opened", incident=inc, route=route)
+
+    def _open_incident_for(self, db: sqlite3.Connection, alert: Alert,
+                           route: RouteDecision) -> tuple[TrackedIncident, str] | None:
+        """The open incident a new firing alert joins, and why; None: it opens its own.
+
+        In this order: an unresolved incident its episode already joined (a regression of
+        a joined alert); the unresolved incident of its (scenario, target), whatever the
+        source and labels: one remediation per target at a time; an open incident of the
+        same alert (fingerprint), even resolved, while its run still goes on.
+        """
+        inc = self._find(db, f"resolved_at IS NULL AND {_JOINED_BY_EPISODE}", alert.source, alert.episode_key)
+        if inc is not None:
+            return inc, f"incident {inc.incident_id} already open for it"
+        inc = self._find(db, "scenario = ? AND target = ? AND status = 'open' AND resolved_at IS NULL",
+                         route.scenario or "", route.target or "")
+        if inc is not None:
+            return inc, (f"incident {inc.incident_id} is already open for {inc.scenario} on {inc.target}: "
+                         "the alert joined it, no new run")
+        inc = self._find(db, "fingerprint = ? AND status = 'open'", alert.fingerprint)
+        if inc is not None:
+            return inc, f"incident {inc.incident_id} still open for this alert (its run goes on)"
+        return None
+
+    @staticmethod
+    def _join(db: sqlite3.Connection, incident_id: str, alert: Alert, now: datetime) -> None:
+        """The alert joins the incident; an episode that joined before fires again (not resolved)."""
+        db.execute(
+            "INSERT INTO incident_alerts (incident_id, source, episode_key, fingerprint, summary, joined_at)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (incident_id, source, episode_key)"
+            " DO UPDATE SET resolved_at = NULL",
+            (incident_id, alert.source, alert.episode_key, alert.fingerprint, alert.summary, _ts(now)))
+
+    def _resolve(self, db: sqlite3.Connection, alert: Alert, route: RouteDecision,
+                 now: datetime) -> IntakeResult:
+        """A resolve lands on the joined alert of its own source and episode (the one still
+        firing first, then an open incident's); the incident resolves with its last alert."""
+        row = db.execute(
+            "SELECT ia.id AS joined_id, i.* FROM incident_alerts ia"
+            " JOIN incidents i ON i.incident_id = ia.incident_id"
+            " WHERE ia.source = ? AND ia.episode_key = ?"
+            " ORDER BY ia.resolved_at IS NULL DESC, i.status = 'open' DESC, ia.joined_at DESC LIMIT 1",
+            (alert.source, alert.episode_key)).fetchone()
+        if row is None:
+            return IntakeResult(alert=alert, disposition="resolved-unknown", route=route,
+                                reason=f"resolved, but no incident was opened or joined by this "
+                                       f"{alert.source} alert (episode {alert.episode_key})")
+        inc = TrackedIncident.model_validate(dict(row))
+        db.execute("UPDATE incident_alerts SET resolved_at = ? WHERE id = ?", (_ts(now), row["joined_id"]))
+        firing = db.execute("SELECT COUNT(*) FROM incident_alerts WHERE incident_id = ? AND resolved_at IS NULL",
+                            (inc.incident_id,)).fetchone()[0]
+        if firing:
+            return IntakeResult(alert=alert, disposition="resolved-partial", incident=inc, route=route,
+                                still_firing=firing,
+                                reason=f"{firing} other alert{'s' if firing > 1 else ''} still firing on "
+                                       f"{inc.incident_id}: the incident stays open")
+        db.execute("UPDATE incidents SET resolved_at = ? WHERE incident_id = ?", (_ts(now), inc.incident_id))
+        return IntakeResult(alert=alert, disposition="resolved", route=route,
+                            incident=inc.model_copy(update={"resolved_at": now}))
 
     def _find(self, db: sqlite3.Connection, where: str, *args: str,
               order: str = "opened_at DESC") -> TrackedIncident | None:
@@ -321,9 +440,9 @@ class AlertStore:
     def prune(self, now: datetime | None = None) -> dict[str, int]:
         """Forget what is older than the retention period; keep what dedup and recovery need.
 
-        Kept: open incidents, all their alerts and their episodes' dedup keys; dedup keys
-        redelivered within the period (a duplicate refreshes its key); closed incidents while a
-        key of their episode is kept.
+        Kept: open incidents, all their alerts and the dedup keys of every episode that joined
+        them; dedup keys redelivered within the period (a duplicate refreshes its key); closed
+        incidents (and their joined alerts) while a key of one of their episodes is kept.
         """
         now = now or _now()
         cutoff = _ts(now - self.retention)
@@ -340,15 +459,17 @@ class AlertStore:
                         "DELETE FROM deliveries WHERE received_at < ? AND NOT EXISTS"
                         " (SELECT 1 FROM alerts a WHERE a.delivery = deliveries.id)", (cutoff,)).rowcount,
                     "seen": db.execute(
-                        "DELETE FROM seen WHERE last_seen < ? AND NOT EXISTS (SELECT 1 FROM incidents i"
-                        " WHERE i.status = 'open' AND substr(seen.key, 1, length(i.source)"
-                        " + length(i.episode_key) + 2) = i.source || '|' || i.episode_key || '|')",
-                        (cutoff,)).rowcount,
+                        "DELETE FROM seen WHERE last_seen < ? AND NOT EXISTS (SELECT 1 FROM incident_alerts j"
+                        " JOIN incidents i ON i.incident_id = j.incident_id WHERE i.status = 'open'"
+                        f" AND {_KEY_OF_JOINED.format(key='seen.key')})", (cutoff,)).rowcount,
                     "incidents": db.execute(
                         "DELETE FROM incidents WHERE status = 'closed' AND closed_at < ? AND NOT EXISTS"
-                        " (SELECT 1 FROM seen s WHERE substr(s.key, 1, length(incidents.source)"
-                        " + length(incidents.episode_key) + 2) = incidents.source || '|' ||"
-                        " incidents.episode_key || '|')", (cutoff,)).rowcount,
+                        " (SELECT 1 FROM incident_alerts j JOIN seen s"
+                        f" ON {_KEY_OF_JOINED.format(key='s.key')}"
+                        " WHERE j.incident_id = incidents.incident_id)", (cutoff,)).rowcount,
+                    "incident_alerts": db.execute(
+                        "DELETE FROM incident_alerts WHERE incident_id NOT IN"
+                        " (SELECT incident_id FROM incidents)").rowcount,
                 }
                 db.execute("COMMIT")
             except BaseException:
@@ -380,6 +501,14 @@ class AlertStore:
             rows = self._db.execute(
                 "SELECT * FROM incidents WHERE status = 'open' ORDER BY opened_at").fetchall()
         return [TrackedIncident.model_validate(dict(r)) for r in rows]
+
+    def joined_alerts(self, incident_id: str) -> list[JoinedAlert]:
+        """The alerts that joined the incident, the opening one first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT incident_id, source, episode_key, fingerprint, summary, joined_at, resolved_at"
+                " FROM incident_alerts WHERE incident_id = ? ORDER BY joined_at, id", (incident_id,)).fetchall()
+        return [JoinedAlert.model_validate(dict(r)) for r in rows]
 
     def first_alert(self, incident_id: str) -> Alert:
         """The alert that opened the incident, from its stored normalised fields."""

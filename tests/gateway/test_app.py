@@ -349,3 +349,58 @@ def test_odd_content_length_headers_are_never_a_server_error(length):
     assert response.status_code < 500, response.text
     if length.strip().isascii() and length.strip().isdigit() and int(length) > 1000:
         assert response.status_code == 413
+
+
+# -- a busy runner: 503 with Retry-After, nothing recorded ------------------------------------
+
+@pytest.fixture
+def busy_gateway(tmp_path):
+    """The real intake (store, router, runner-mode dispatcher) with its runner's queue full:
+    one run queued for a slot, at most one may queue."""
+    from gateway.intake import AlertIntake, Dispatcher
+    from gateway.slots import RunnerSlots
+    from gateway.store import AlertStore
+
+    store = AlertStore(tmp_path / "alerts.db")
+    slots = RunnerSlots(max_parallel=1, max_waiting=0, max_queued=1)
+    dispatcher = Dispatcher(store, mode="runner", slots=slots)
+    intake = AlertIntake(store, Router.from_file(REPO_ROOT / "routes.yaml"), dispatcher)
+    app = create_app(GatewaySettings(insecure_sources=list(SOURCES)), intake, runner_load=dispatcher.load)
+    slots.enqueue()
+    yield app, store
+    dispatcher.shutdown()
+    store.close()
+
+
+@pytest.mark.parametrize("path", ["alertmanager/zulip_alert.json", "alertmanager/bougou_mixed-firing-resolved.json"])
+def test_a_full_runner_queue_refuses_firing_alerts_with_503_and_records_nothing(busy_gateway, path):
+    app, store = busy_gateway
+    response = call(app, "POST", "/alerts/alertmanager", payload(path), JSON)
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "30"
+    body = response.json()
+    assert body["error"] == "runner busy"
+    assert "RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS=1" in body["detail"] and "again" in body["detail"]
+    assert store.recent_alerts() == [] and store.counts() == {"incidents": 0}, "the retry must not be a duplicate"
+
+
+def test_a_full_runner_queue_still_accepts_resolves_and_acknowledgements(busy_gateway):
+    app, store = busy_gateway
+    response = call(app, "POST", "/alerts/alertmanager", payload("alertmanager/bougou_alert-resolved.json"), JSON)
+    assert response.status_code == 202, response.text
+    assert [a["disposition"] for a in response.json()["intake"]["alerts"]] == ["resolved-unknown"] * 2
+    acked = call(app, "POST", "/alerts/pagerduty", payload("pagerduty/zulip_acknowledged_v3.json"), JSON)
+    assert acked.status_code == 202, acked.text
+    assert acked.json()["intake"]["alerts"][0]["disposition"] == "acknowledged"
+    assert len(store.recent_alerts()) == 3
+
+
+def test_healthz_shows_the_runners_load(busy_gateway):
+    app, _ = busy_gateway
+    assert call(app, "GET", "/healthz").json()["runner"] == {
+        "working": 0, "waiting": 0, "resuming": 0, "queued": 1,
+        "max_parallel": 1, "max_waiting": 0, "max_queued": 1}
+    spec = call(app, "GET", "/openapi.json").json()
+    assert "Retry-After" in spec["paths"]["/alerts/grafana"]["post"]["responses"]["503"]["headers"]
+    without_runner, _ = make()
+    assert "runner" not in call(without_runner, "GET", "/healthz").json()

@@ -122,21 +122,56 @@ def test_stand_down_input_names_the_gateway_not_a_human():
         "reason": "alert resolved (sentry) while waiting for approval: resolved without action"}
 
 
-def _accept_without_dispatch(store: AlertStore, instance: str):
-    """What a gateway that died right after answering 202 leaves behind: an open incident."""
+def test_the_record_says_which_alert_joined_and_why_the_incident_stays_open(tmp_path, test_inventory):
+    from gateway.intake import update_text
     from gateway.models import Delivery
     from gateway.routing import Router
     from gateway.settings import GatewaySettings
     from gateway.sources import PARSERS
 
+    store, router = AlertStore(tmp_path / "a.db"), Router.from_file(GatewaySettings().routes_file)
+
+    def deliver(source: str, status: str, **labels: str):
+        body = service_down_alert("web", status)
+        body["alerts"][0]["startsAt"] = "2026-11-23T03:00:00Z"
+        body["alerts"][0]["labels"].update(labels)
+        alerts = PARSERS[source](json.dumps(body).encode(), {})
+        delivery = Delivery(source=source, received_at=datetime.now(timezone.utc))  # type: ignore[arg-type]
+        return store.record_delivery(delivery, alerts, router.route_all(alerts))[0]
+
+    deliver("alertmanager", "firing")
+    joined = deliver("grafana", "firing", grafana_folder="ops")
+    assert update_text(joined) == (f"grafana alert joined: web is down (test alert) (fingerprint "
+                                   f"{joined.alert.fingerprint}): attached to this incident, no new run")
+    partial = update_text(deliver("alertmanager", "resolved"))
+    assert partial.startswith("alertmanager reports an alert resolved")
+    assert partial.endswith("the incident stays open: 1 other alert still fires")
+    assert "reports the alert RESOLVED" in update_text(deliver("grafana", "resolved", grafana_folder="ops"))
+    store.close()
+
+
+def _accept_without_dispatch(store: AlertStore, instance: str):
+    """What a gateway that died right after answering 202 leaves behind: an open incident.
+
+    Its alert has resolved since (the incident stays open until its run ends), so that the
+    next alert on web opens an incident of its own instead of joining it."""
+    from gateway.models import Delivery
+    from gateway.routing import Router
+    from gateway.settings import GatewaySettings
+    from gateway.sources import PARSERS
+
+    router = Router.from_file(GatewaySettings().routes_file)
     body = service_down_alert("web")
     body["alerts"][0]["labels"]["instance"] = instance
-    alerts = PARSERS["alertmanager"](json.dumps(body).encode(), {})
-    routes = Router.from_file(GatewaySettings().routes_file).route_all(alerts)
-    delivery = Delivery(source="alertmanager", received_at=datetime.now(timezone.utc))
-    (outcome,) = store.record_delivery(delivery, alerts, routes)
-    assert outcome.disposition == "opened"
-    return outcome.incident
+    opened = None
+    for status in ("firing", "resolved"):
+        body["status"] = body["alerts"][0]["status"] = status
+        alerts = PARSERS["alertmanager"](json.dumps(body).encode(), {})
+        delivery = Delivery(source="alertmanager", received_at=datetime.now(timezone.utc))
+        (outcome,) = store.record_delivery(delivery, alerts, router.route_all(alerts))
+        assert outcome.disposition == ("opened" if status == "firing" else "resolved"), outcome.reason
+        opened = opened or outcome.incident
+    return opened
 
 
 def test_restarted_gateway_finishes_what_the_last_one_left_open(deployed, healthy_web, state_dir):

@@ -52,7 +52,10 @@ def test_one_incident_per_episode_and_resolve_lands_on_it(tmp_path):
     assert again.disposition == "duplicate"
     refire = _deliver(store, _alerts(starts_at="2026-11-23T03:05:00Z"))[0]
     assert refire.disposition == "attached" and refire.incident.incident_id == first.incident.incident_id
-    resolved = _deliver(store, _alerts(status="resolved", starts_at=t0))[0]
+    partial = _deliver(store, _alerts(status="resolved", starts_at=t0))[0]
+    assert partial.disposition == "resolved-partial", "the re-fire's episode joined and still fires"
+    assert partial.incident.incident_id == first.incident.incident_id and partial.still_firing == 1
+    resolved = _deliver(store, _alerts(status="resolved", starts_at="2026-11-23T03:05:00Z"))[0]
     assert resolved.disposition == "resolved"
     assert resolved.incident.incident_id == first.incident.incident_id
     store.close_incident(first.incident.incident_id, "Completed")
@@ -283,3 +286,151 @@ def test_a_deeply_nested_payload_field_never_reaches_the_store(tmp_path):
     out = _deliver(store, alerts)[0]
     assert out.disposition == "opened"
     assert store.first_alert(out.incident.incident_id).extra == {}
+
+
+# -- one incident per (scenario, target) ------------------------------------------------------
+
+def _labelled(source="alertmanager", status="firing", service="web", starts_at="2026-11-23T03:00:00Z",
+              **labels):
+    """A ServiceDown alert of ``source`` (Grafana sends Alertmanager's body) with more labels."""
+    body = service_down_alert(service, status)
+    body["alerts"][0]["startsAt"] = starts_at
+    body["alerts"][0]["labels"].update(labels)
+    return PARSERS[source](json.dumps(body).encode(), {})
+
+
+def test_one_incident_per_scenario_and_target_whatever_the_source_and_labels(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    opened = _deliver(store, _labelled(instance="web-1"))[0]
+    assert opened.disposition == "opened"
+    grafana = _deliver(store, _labelled("grafana", grafana_folder="ops"))[0]
+    other_labels = _deliver(store, _labelled(instance="web-2"))[0]
+    for joined in (grafana, other_labels):
+        assert joined.alert.fingerprint != opened.alert.fingerprint
+        assert joined.disposition == "attached", joined.reason
+        assert joined.incident.incident_id == opened.incident.incident_id
+        assert "already open for service-down/service-down on web" in joined.reason
+    assert _deliver(store, _labelled(service="api"))[0].disposition == "opened", "another target"
+    redis = _labelled(alertname="RedisDown")
+    assert _deliver(store, redis)[0].disposition == "opened", "another scenario on the same target"
+    joined = store.joined_alerts(opened.incident.incident_id)
+    assert [(j.source, j.fingerprint, j.resolved_at) for j in joined] == [
+        ("alertmanager", opened.alert.fingerprint, None), ("grafana", grafana.alert.fingerprint, None),
+        ("alertmanager", other_labels.alert.fingerprint, None)]
+    assert joined[1].summary == grafana.alert.summary
+
+
+def test_a_concurrent_storm_on_one_target_opens_one_incident(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    deliveries = [_labelled(source, instance=f"i-{i}") for i in range(20)
+                  for source in ("alertmanager", "grafana")]
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = [o for batch in pool.map(lambda a: _deliver(store, a), deliveries) for o in batch]
+    [opened] = [o for o in outcomes if o.disposition == "opened"]
+    assert sum(o.disposition == "attached" for o in outcomes) == 39
+    assert {o.incident.incident_id for o in outcomes} == {opened.incident.incident_id}
+    assert len(store.joined_alerts(opened.incident.incident_id)) == 40
+
+
+def test_the_incident_resolves_when_its_last_alert_does(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    opened = _deliver(store, _labelled(instance="web-1"))[0]
+    incident_id = opened.incident.incident_id
+    _deliver(store, _labelled("grafana", grafana_folder="ops"))
+    partial = _deliver(store, _labelled("grafana", "resolved", grafana_folder="ops"))[0]
+    assert partial.disposition == "resolved-partial" and partial.incident.incident_id == incident_id
+    assert partial.still_firing == 1
+    assert partial.reason == f"1 other alert still firing on {incident_id}: the incident stays open"
+    assert store.incident(incident_id).resolved_at is None
+    assert store.counts()["resolved-partial"] == 1
+    assert store.recent_alerts(1)[0]["disposition"] == "resolved-partial"
+    last = _deliver(store, _labelled(status="resolved", instance="web-1"))[0]
+    assert last.disposition == "resolved" and last.incident.incident_id == incident_id
+    assert store.incident(incident_id).resolved_at is not None
+    assert all(j.resolved_at is not None for j in store.joined_alerts(incident_id))
+    # resolved (its run may still be going on): a new alert on the target is a new incident
+    again = _deliver(store, _labelled(instance="web-3"))[0]
+    assert again.disposition == "opened" and again.incident.incident_id != incident_id
+
+
+def test_a_resolve_of_another_episode_of_the_same_alert_does_not_match(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    opened = _deliver(store, _labelled(starts_at="2026-11-23T03:00:00Z"))[0]
+    earlier = _deliver(store, _labelled(status="resolved", starts_at="2026-11-22T03:00:00Z"))[0]
+    assert earlier.alert.fingerprint == opened.alert.fingerprint
+    assert earlier.disposition == "resolved-unknown" and earlier.incident is None
+    assert store.incident(opened.incident.incident_id).resolved_at is None
+    assert store.joined_alerts(opened.incident.incident_id)[0].resolved_at is None
+
+
+SCHEMA_2 = """
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, received_at TEXT NOT NULL, source TEXT NOT NULL,
+    delivery_id TEXT, remote_addr TEXT, alerts INTEGER NOT NULL);
+CREATE TABLE alerts (id INTEGER PRIMARY KEY, delivery INTEGER NOT NULL REFERENCES deliveries(id),
+    received_at TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    episode_key TEXT NOT NULL, dedup_key TEXT NOT NULL, service TEXT, severity TEXT, summary TEXT,
+    disposition TEXT NOT NULL, incident_id TEXT, route TEXT, reason TEXT, body TEXT NOT NULL);
+CREATE TABLE seen (key TEXT PRIMARY KEY, last_seen TEXT NOT NULL);
+CREATE TABLE incidents (incident_id TEXT PRIMARY KEY, source TEXT NOT NULL, episode_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, scenario TEXT NOT NULL, target TEXT NOT NULL, severity TEXT NOT NULL,
+    status TEXT NOT NULL, opened_at TEXT NOT NULL, resolved_at TEXT, closed_at TEXT, outcome TEXT,
+    flow_run_id TEXT);
+CREATE UNIQUE INDEX one_incident_per_unresolved_episode ON incidents(source, episode_key)
+    WHERE resolved_at IS NULL;
+CREATE UNIQUE INDEX one_open_incident_per_alert ON incidents(fingerprint) WHERE status = 'open';
+CREATE INDEX incidents_by_episode ON incidents(source, episode_key);
+CREATE INDEX alerts_by_time ON alerts(received_at);
+CREATE INDEX alerts_by_incident ON alerts(incident_id);
+CREATE INDEX deliveries_by_time ON deliveries(received_at);
+CREATE INDEX seen_by_time ON seen(last_seen);
+PRAGMA user_version = 2;
+"""
+
+
+def _v2_alert(db, row_id: int, alert, disposition: str, incident_id: str, at: str) -> None:
+    """What a schema-2 gateway stored for an alert it accepted."""
+    db.execute("INSERT INTO deliveries VALUES (?, ?, ?, NULL, NULL, 1)", (row_id, at, alert.source))
+    db.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'P0', ?, ?, ?, 'service-down', '', ?)",
+               (row_id, row_id, at, alert.source, alert.status, alert.fingerprint, alert.episode_key,
+                alert.dedup_key, alert.service, alert.summary, disposition, incident_id,
+                alert.model_dump_json(include={"source", "status", "fingerprint", "fingerprint_origin",
+                                               "episode_key", "labels", "summary"})))
+    db.execute("INSERT INTO seen VALUES (?, ?)", (f"{alert.source}|{alert.dedup_key}", at))
+
+
+def test_a_store_of_schema_2_gets_the_joined_alerts_of_its_incidents(tmp_path):
+    path = tmp_path / "a.db"
+    [first] = _labelled(starts_at="2026-11-01T00:00:00Z")
+    [refire] = _labelled(starts_at="2026-11-01T00:05:00Z")
+    [api] = _labelled(service="api", starts_at="2026-11-01T00:00:00Z")
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_2)
+        for inc_id, alert, resolved_at in (("INC-OPEN", first, None), ("INC-DONE", api, "2026-11-01T01:00:00+00:00")):
+            db.execute("INSERT INTO incidents (incident_id, source, episode_key, fingerprint, scenario, target,"
+                       " severity, status, opened_at, resolved_at) VALUES (?, ?, ?, ?, 'service-down/service-down',"
+                       " ?, 'P0', 'open', '2026-11-01T00:00:00+00:00', ?)",
+                       (inc_id, alert.source, alert.episode_key, alert.fingerprint, alert.service, resolved_at))
+        _v2_alert(db, 1, first, "opened", "INC-OPEN", "2026-11-01T00:00:00+00:00")
+        _v2_alert(db, 2, api, "opened", "INC-DONE", "2026-11-01T00:00:00+00:00")
+        _v2_alert(db, 3, refire, "attached", "INC-OPEN", "2026-11-01T00:05:00+00:00")
+    path.chmod(0o644)
+
+    store = AlertStore(path)
+    assert _mode(path) == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert [(j.episode_key, j.summary, j.resolved_at) for j in store.joined_alerts("INC-OPEN")] == [
+        (first.episode_key, first.summary, None), (refire.episode_key, refire.summary, None)]
+    [done] = store.joined_alerts("INC-DONE")
+    assert done.resolved_at == datetime(2026, 11, 1, 1, tzinfo=timezone.utc), "resolved as its incident"
+    assert _deliver(store, [refire])[0].disposition == "duplicate", "the dedup keys are kept"
+    joined = _deliver(store, _labelled("grafana", grafana_folder="ops"))[0]
+    assert (joined.disposition, joined.incident.incident_id) == ("attached", "INC-OPEN")
+    assert _deliver(store, _labelled(status="resolved", starts_at="2026-11-01T00:05:00Z"))[0].disposition \
+        == "resolved-partial"
+    assert _deliver(store, _labelled("grafana", "resolved", grafana_folder="ops"))[0].disposition \
+        == "resolved-partial"
+    last = _deliver(store, _labelled(status="resolved", starts_at="2026-11-01T00:00:00Z"))[0]
+    assert (last.disposition, last.incident.incident_id) == ("resolved", "INC-OPEN")
+    store.close()
+    AlertStore(path).close()  # at the current schema: opening it again changes nothing
