@@ -50,7 +50,7 @@ from incident.errors import RunbookError
 from incident.escalation import EscalationNotice
 from incident.inventory import load_target
 from incident.kit import close_run_from_outside
-from incident.record import Trigger, add_alert_update
+from incident.record import ALL_ALERTS_RESOLVED, Trigger, add_alert_update
 from incident.settings import REPO_ROOT
 from incident.waiting import register_slot, unregister_slot
 
@@ -322,12 +322,23 @@ class Dispatcher:
             self.store.close_incident(inc.incident_id, "alert resolved")
         self._stand_down(run_id, outcome.alert.source)
 
-    def _stand_down(self, run_id, source: str) -> None:
+    def _stand_down(self, run_id, source: str, settle_s: float = 30.0) -> None:
         """A run paused for an approval ends Resolved Without Action: the gateway answers the
-        approval form with ``stand-down``, signed as itself (never as a human)."""
+        approval form with ``stand-down``, signed as itself (never as a human).
+
+        A run that has not paused yet reads the resolve (the alert update just sent) before it
+        pauses and stands down by itself; one caught between that check and its pause is waited
+        for here, up to ``settle_s``."""
+        deadline = time.monotonic() + settle_s
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-            if not (state and state.is_paused()):
+            while True:
+                state = client.read_flow_run(run_id).state
+                if state is None or state.is_final() or state.is_paused():
+                    break
+                if time.monotonic() > deadline:
+                    return  # still working: it reads the resolve before any pause
+                time.sleep(0.5)
+            if not state or not state.is_paused():
                 return
             keyset = state.state_details.run_input_keyset or keyset_from_paused_state(state)
             fields = _form_fields(client, run_id, keyset["schema"])
@@ -362,7 +373,7 @@ def update_text(outcome: IntakeResult) -> str:
     what = f"{_summary_of(alert)} (fingerprint {alert.fingerprint})"
     ended = f" (ended {alert.ends_at:%H:%M:%S} UTC)" if alert.ends_at else ""
     if outcome.disposition == "resolved":
-        return f"{alert.source} reports the alert RESOLVED{ended}: {what}; no alert of the incident fires any more"
+        return f"{alert.source} reports the alert RESOLVED{ended}: {what}; {ALL_ALERTS_RESOLVED}"
     if outcome.disposition == "resolved-partial":
         firing = outcome.still_firing
         return (f"{alert.source} reports an alert resolved{ended}: {what}; the incident stays open: "

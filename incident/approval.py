@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from incident.errors import ApprovalTimedOutError, ConfigurationError
 from incident.escalation import escalate
 from incident.inventory import Target
-from incident.record import ApprovalRecord, Incident, IncidentRecord
+from incident.record import ALL_ALERTS_RESOLVED, ApprovalRecord, Incident, IncidentRecord
 from incident.settings import get_settings
 from incident.waiting import waiting
 
@@ -369,7 +369,13 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
     settings = get_settings()
     incident.note("fix", f"waiting for a human decision on {plan.action} "
                          f"(times out in {settings.approval_timeout_s} s)")
-    incident.publish()  # the report shows the plan while the run waits
+    incident.publish()  # the report shows the plan while the run waits (and reads alert updates)
+    resolved = next((u for u in rec.alert_updates if ALL_ALERTS_RESOLVED in u), None)
+    if resolved is not None:  # the alerts resolved while the run diagnosed: nobody is asked
+        entry = ApprovalRecord(at=now(), action=plan.action, decision="stood down",
+                               by="alert-gateway (resolved before the pause)", reason=resolved)
+        incident.approval(entry)
+        return Decision(approved=False, record=entry)
     form = ApprovalForm.with_initial_data(description=plan.markdown(rec.scenario, rec.incident_id))
     waiting_for = f"the approval of {plan.action} on {plan.target} ({rec.incident_id})"
     try:

@@ -155,8 +155,7 @@ def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
         incident.guardrail("detect", f"waiting for the lock on {service.name}, held by {holder}: "
                            f"another run is on this target (waiting up to {rules.lock.wait_s} s)")
 
-    with waiting(f"the lock on {service.name}"):
-        waited = lock.acquire(told)
+    waited = lock.acquire(told, while_waiting=lambda: waiting(f"the lock on {service.name}"))
     if waited is None:
         escalate_and_fail(incident, f"the lock on {service.name} stayed busy for "
                           f"{rules.lock.wait_s} s (held by {lock.holder()}); this run did not "

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from uuid import UUID
 
 import httpx
@@ -66,13 +67,28 @@ class TargetLock:
         self._renewer: threading.Thread | None = None
 
     # -- taking it ------------------------------------------------------------------------
-    def acquire(self, on_wait: Callable[[str], None]) -> float | None:
+    def acquire(self, on_wait: Callable[[str], None],
+                while_waiting: Callable[[], AbstractContextManager[object]] = nullcontext,
+                ) -> float | None:
         """Take the lock, waiting up to ``rules.wait_s``; the seconds waited, or None if it
-        stayed busy. ``on_wait(holder)`` is called once, when the run starts waiting."""
+        stayed busy. ``on_wait(holder)`` is called once, when the run starts waiting, and the
+        wait runs inside ``while_waiting()`` (the runner slot is free meanwhile)."""
         self._ensure_limit()
         started = time.monotonic()
-        deadline = started + self.rules.wait_s
-        told = False
+        if self._take(started + self.rules.wait_s):
+            return 0.0
+        on_wait(self.holder())
+        with while_waiting():
+            while True:
+                if self._take(started + self.rules.wait_s):
+                    return time.monotonic() - started
+                left = started + self.rules.wait_s - time.monotonic()
+                if left <= 0:
+                    return None
+                time.sleep(min(self.rules.poll_s, left))
+
+    def _take(self, deadline: float) -> bool:
+        """One try; transient API errors are retried until ``deadline``."""
         while True:
             try:
                 self.lease_id = self._try_take()
@@ -80,15 +96,12 @@ class TargetLock:
                 if not _transient(exc) or time.monotonic() > deadline:
                     raise
                 log.warning("taking the lock %s failed (%s); retrying", self.name, exc)
+                time.sleep(min(self.rules.poll_s, 5.0))
+                continue
             if self.lease_id is not None:
                 self._start_renewing()
-                return time.monotonic() - started
-            if not told:
-                on_wait(self.holder())
-                told = True
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(min(self.rules.poll_s, max(deadline - time.monotonic(), 0.0)))
+                return True
+            return False
 
     def _ensure_limit(self) -> None:
         with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:

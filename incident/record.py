@@ -28,6 +28,9 @@ Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
                   "resolved without action", "held back", "shadow", "plan only"]
 ALERT_UPDATE_PREFIX = "alert-update-"
+#: In an alert update, the words that say every alert of the incident has resolved (the alert
+#: gateway writes them; the approval gate stands down on them instead of pausing).
+ALL_ALERTS_RESOLVED = "no alert of the incident fires any more"
 
 
 def _now() -> datetime:
