@@ -23,6 +23,7 @@ bench:
 	@scripts/bootstrap.sh
 	@$(PY) bench/service_down.py
 	@$(PY) bench/alert_intake.py
+	@$(PY) bench/approval.py
 
 # requirements.lock pins every Python package of the project and of its test extras, with the
 # hashes of their files; scripts/bootstrap.sh installs only from it. After changing a dependency

@@ -54,12 +54,41 @@ def summary(values: list[float]) -> dict:
             "max_s": round(max(values), 4)} if values else {"n": 0}
 
 
-def alert_body(instance: str, service: str = "web") -> bytes:
+def alert_body(instance: str) -> bytes:
+    """A ServiceDown alert for the service named ``instance``: one open incident per
+    (scenario, target) means distinct incidents need distinct targets (bench_inventory)."""
     from gateway.__main__ import service_down_alert
 
-    body = service_down_alert(service)
+    body = service_down_alert(instance)
     body["alerts"][0]["labels"]["instance"] = instance
     return json.dumps(body).encode()
+
+
+def bench_inventory(names: list[str]) -> Path:
+    """The lab's inventory plus one alias of the (healthy) web service per name the benchmark
+    alerts on; RUNBOOKS_INVENTORY points at it (gateways and runs of this process, and the
+    processes started with ``prefect_env``)."""
+    import yaml
+
+    inventory = yaml.safe_load((STATE / "lab" / "inventory.yaml").read_text())
+    web = inventory["services"]["web"]
+    inventory["services"].update({name: dict(web) for name in names})
+    path = STATE / "bench-inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    os.environ["RUNBOOKS_INVENTORY"] = str(path)
+    return path
+
+
+def names_used(args) -> list[str]:
+    """Every service name the parts of this benchmark alert on (see the prefixes below)."""
+    names = [f"warm-{i}" for i in range(3)] + [f"lat-{i}" for i in range(args.latency_alerts)]
+    names += [f"auto-{i}" for i in range(args.automation_alerts)]
+    names += [f"storm-{i}" for i in range(args.storm_distinct)]
+    for prefix, rates, seconds in (("r", args.sustained_rates, args.sustained_s),
+                                   ("s", args.intake_rates, 10)):
+        for rate in rates:
+            names += [f"{prefix}{rate}-{i}" for i in range(int(rate * seconds * 1.5) + 10)]
+    return names
 
 
 def ts(value: str) -> float:
@@ -274,6 +303,7 @@ def main() -> None:
     result: dict = {"benchmark": "alert intake", "machine": f"{os.cpu_count()} cores"}
     try:
         lab.up()
+        bench_inventory(names_used(args))
         env = prefect_env(STATE / "prefect", api)
         deploy_all({**env, "RUNBOOKS_GATEWAY_DISPATCH": "automation"})  # its automation part needs the triggers live
         if "automation" in parts:
