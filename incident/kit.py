@@ -35,6 +35,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 from uuid import UUID
 
 from prefect import Flow, Task, flow
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as current_run
 from prefect.states import State
@@ -47,7 +48,7 @@ from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADO
                                  GuardrailRules, judge_blast_radius, judge_loop, kill_switch_on,
                                  load_rules)
 from incident.inventory import Target, load_target
-from incident.locks import HOLDER_TAG_PREFIX, TargetLock
+from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock
 from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
                              close_from_outside, load_record, open_incident)
 from incident.waiting import waiting
@@ -162,7 +163,7 @@ def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
                           "diagnose the target", expected="the lock free")
     if run_id:
         _LOCKS[run_id] = lock
-    add_run_tags(HOLDER_TAG_PREFIX + service.name)
+    add_run_tags(HOLDER_TAG_PREFIX + service.name, f"{LEASE_TAG_PREFIX}{lock.lease_id}")
     if run_id in _WAITED:
         incident.guardrail("detect", f"took the lock on {service.name} after {waited:.0f} s: "
                            "diagnosing afresh (the other run may have fixed it)")
@@ -216,7 +217,11 @@ def close_run_from_outside(flow_run_id: UUID, why: str,
                            fallback: EscalationNotice | None = None) -> bool:
     """Close and escalate the record of a run that cannot do it itself any more (killed with
     its process, left by a gateway restart, cancelled from outside). ``fallback`` is sent when
-    the run never saved a record (it died before ``begin``). Returns whether it escalated."""
+    the run never saved a record (it died before ``begin``). Returns whether it escalated.
+    The target lock the run held is freed at once (it would free itself when its lease ran
+    out)."""
+    with get_client(sync_client=True) as client:
+        TargetLock.release_for_dead_run(client.read_flow_run(flow_run_id).tags)
     record = load_record(flow_run_id)
     if record is None:  # it died before opening its record
         if fallback is not None:

@@ -36,6 +36,8 @@ log = logging.getLogger("incident.locks")
 
 LOCK_PREFIX = "runbooks-target-"
 HOLDER_TAG_PREFIX = "lock:"
+#: The holder's lease, on its run: whoever closes a dead run's record frees its lock at once.
+LEASE_TAG_PREFIX = "lease:"
 CALL_TIMEOUT_S = 10.0
 
 
@@ -168,6 +170,24 @@ class TargetLock:
                 return
 
     # -- giving it back ---------------------------------------------------------------------
+    @staticmethod
+    def release_for_dead_run(tags: list[str]) -> list[str]:
+        """Free the locks a dead run held (its ``lease:`` tags), instead of waiting for the
+        leases to run out; the names of the leases freed. A lease already gone is fine."""
+        freed = []
+        for tag in tags:
+            if not tag.startswith(LEASE_TAG_PREFIX):
+                continue
+            lease = UUID(tag.removeprefix(LEASE_TAG_PREFIX))
+            with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+                try:
+                    client.release_concurrency_slots_with_lease(lease)
+                except Exception as exc:
+                    if _status(exc) != 404:
+                        raise
+            freed.append(str(lease))
+        return freed
+
     def release(self) -> None:
         """Give the lock back. A failure is logged: the lease then runs out by itself."""
         self._stop.set()

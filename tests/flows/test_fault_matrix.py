@@ -20,6 +20,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_runs import resume_flow_run
@@ -55,6 +56,10 @@ SCENARIOS = {
 # The leaky client of pg-connections-idle takes 33 of the app role's 34 connections, and the
 # lock fault needs 3 more: the matrix runs db-locks in a second wave, the others at once.
 WAVES = [["service-down", "db-connections", "redis-down", "disk-full"], ["db-locks"]]
+# Each scenario on its own name for the web service (same container, database, Redis, disk):
+# the runs of a wave must all reach their first changing step at once, and the lock of one
+# target would queue them one behind the other (tests/incident/test_guardrails.py tests it).
+TARGETS = {scenario: f"web-{scenario}" for scenario in SCENARIOS}
 APPROVE = {"decision": "approve", "reason": "fault matrix", "approver": "matrix@example.test"}
 REJECT = {"decision": "reject", "reason": "fault matrix: one step is enough", "approver": "matrix@example.test"}
 
@@ -69,7 +74,18 @@ def every_step_asks(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def broken_lab(healthy_lab, every_step_asks):
+def matrix_inventory(tmp_path, monkeypatch) -> Path:
+    """The lab's inventory plus the matrix's names for the web service (TARGETS)."""
+    inventory = yaml.safe_load(Path(os.environ["RUNBOOKS_INVENTORY"]).read_text())
+    inventory["services"].update({t: dict(inventory["services"]["web"]) for t in TARGETS.values()})
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    monkeypatch.setenv("RUNBOOKS_INVENTORY", str(path))
+    return path
+
+
+@pytest.fixture
+def broken_lab(healthy_lab, every_step_asks, matrix_inventory):
     """The lab, put right (every component up, every fault reset) after the test."""
     yield healthy_lab
     _restore(healthy_lab)
@@ -101,7 +117,7 @@ def _start_all(wave: list[str]) -> dict[str, tuple]:
     runs = {}
     for scenario in wave:
         _, flow, knobs, _ = SCENARIOS[scenario]
-        thread, incident_id = start_flow(flow, target="web", **knobs)
+        thread, incident_id = start_flow(flow, target=TARGETS[scenario], **knobs)
         runs[scenario] = (thread, incident_id)
     out = {}
     for scenario, (thread, incident_id) in runs.items():
@@ -156,7 +172,7 @@ def _closed_and_true(scenario: str, incident_id: str, run_id, api_url: str) -> s
         assert found, f"{scenario}: {record.outcome} without an escalation"
         payload = found[-1]["payload"]
         assert payload["scenario"] == scenario and payload["environment"] == "lab", payload
-        assert payload["incident_id"] == incident_id and payload["target"] == "web"
+        assert payload["incident_id"] == incident_id and payload["target"] == TARGETS[scenario]
         assert "changed" in record.summary, f"{scenario}: the summary must say what changed: {record.summary}"
     return record.outcome
 
@@ -239,9 +255,10 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _alert(alertname: str) -> dict:
+def _alert(scenario: str) -> dict:
+    alertname = SCENARIOS[scenario][3]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    labels = {"alertname": alertname, "service": "web", "severity": "critical"}
+    labels = {"alertname": alertname, "service": TARGETS[scenario], "severity": "critical"}
     return {"version": "4", "groupKey": f'{{}}:{{alertname="{alertname}"}}', "truncatedAlerts": 0,
             "status": "firing", "receiver": "runbooks", "groupLabels": {"alertname": alertname},
             "commonLabels": labels, "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093",
@@ -297,7 +314,7 @@ def test_gateway_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks
             since = time.time()
             for scenario in wave:
                 resp = httpx.post(f"http://127.0.0.1:{port}/alerts/alertmanager",
-                                  json=_alert(SCENARIOS[scenario][3]),
+                                  json=_alert(scenario),
                                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
                 assert resp.status_code in (200, 202), resp.text
             mine = _paused_since(since, len(wave))
@@ -327,7 +344,7 @@ def test_worker_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks)
             with get_client(sync_client=True) as client:
                 for scenario in wave:
                     dep = client.read_deployment_by_name(f"{scenario}/{scenario}")
-                    client.create_flow_run_from_deployment(dep.id, parameters={"target": "web"})
+                    client.create_flow_run_from_deployment(dep.id, parameters={"target": TARGETS[scenario]})
             runs += _paused_since(since, len(wave))
         finally:
             _kill_tree(pid)
