@@ -29,7 +29,7 @@ from incident.inventory import Target
 from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fail, runbook_flow
 from incident.record import Incident, Trigger
 from tasks.containers import ContainerState, inspect_container, read_container_logs
-from tasks.containers import restart_container, rollback_container
+from tasks.containers import restart_container, rollback_container, wait_until_started
 from tasks.http_checks import HealthProbe, probe_health, wait_until_healthy
 from tasks.postgres import check_postgres
 from tasks.redis import check_redis
@@ -64,7 +64,8 @@ def service_down(
         dry_run: diagnose and show the plan; change nothing.
         trigger: the alert or person that started the run (kept in the record).
         incident_id: set by the alert gateway; generated when empty.
-        restart_deadline_s: how long a restarted service has to become healthy before rollback.
+        restart_deadline_s: how long a restarted service has to become healthy before rollback
+            (a container that exits again meanwhile is not waited for).
         healthy_probes: consecutive good health probes that count as recovered.
         verify_deadline_s: how long verification may take before the run escalates.
         probe_interval_s: seconds between health probes while waiting and verifying.
@@ -91,8 +92,7 @@ def service_down(
     if not step.taken:
         record_host_resources(incident, seen.host_resources)
         return step.closed
-    recovered = wait_until_healthy(service, consecutive=1, deadline_s=restart_deadline_s,
-                                   interval_s=probe_interval_s)
+    recovered = wait_until_started(service, deadline_s=restart_deadline_s, interval_s=probe_interval_s)
     incident.note("fix", f"after restart: {recovered.describe()}")
     record_host_resources(incident, seen.host_resources)  # runbook 001 step 4: disk, memory
 

@@ -25,8 +25,9 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
+                                            FlowRunFilterStateType, FlowRunFilterTags)
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -39,6 +40,15 @@ HOLDER_TAG_PREFIX = "lock:"
 #: The holder's lease, on its run: whoever closes a dead run's record frees its lock at once.
 LEASE_TAG_PREFIX = "lease:"
 CALL_TIMEOUT_S = 10.0
+#: Limits this process has seen exist (one read per target and process, not per run). One
+#: deleted by hand meanwhile is created again on the next take, never passed unlocked.
+_KNOWN_LIMITS: set[str] = set()
+#: The states of a run that may hold a lock (a final run has given it back or died).
+_LIVE_STATES = [StateType.RUNNING, StateType.PAUSED, StateType.PENDING, StateType.CANCELLING]
+
+
+class LockMissingError(RuntimeError):
+    """The target's limit vanished between the check and the take: nothing is held."""
 
 
 def lock_name(target: str) -> str:
@@ -94,6 +104,9 @@ class TargetLock:
         while True:
             try:
                 self.lease_id = self._try_take()
+            except LockMissingError:
+                self._ensure_limit()  # created again: try once more at once
+                self.lease_id = self._try_take()
             except Exception as exc:
                 if not _transient(exc) or time.monotonic() > deadline:
                     raise
@@ -106,6 +119,8 @@ class TargetLock:
             return False
 
     def _ensure_limit(self) -> None:
+        if self.name in _KNOWN_LIMITS:
+            return
         with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
             try:
                 client.read_global_concurrency_limit_by_name(self.name)
@@ -115,6 +130,7 @@ class TargetLock:
                         name=self.name, limit=1))
                 except ObjectAlreadyExists:
                     pass  # another run created it meanwhile: the same limit
+        _KNOWN_LIMITS.add(self.name)
 
     def _try_take(self) -> UUID | None:
         holder = ConcurrencyLeaseHolder(type="flow_run", id=self.run_id) if self.run_id else None
@@ -127,13 +143,19 @@ class TargetLock:
                 if _status(exc) == 423:  # held by another run
                     return None
                 raise
-        return ConcurrencyLimitWithLeaseResponse.model_validate(response.json()).lease_id
+        taken = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+        if not taken.limits:  # the server grants a missing limit without holding anything
+            _KNOWN_LIMITS.discard(self.name)
+            raise LockMissingError(f"the concurrency limit {self.name} does not exist (deleted "
+                                   "by hand?); the next run creates it again")
+        return taken.lease_id
 
     def holder(self) -> str:
         """Who holds the lock now, as far as the run history says."""
         with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[HOLDER_TAG_PREFIX + self.target])), limit=20)
+                tags=FlowRunFilterTags(all_=[HOLDER_TAG_PREFIX + self.target]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_LIVE_STATES))), limit=20)
         live = [r for r in runs if r.state is not None and not r.state.is_final()
                 and str(r.id) != str(self.run_id)]
         if not live:

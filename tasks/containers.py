@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -164,6 +165,33 @@ def read_container_logs(target: Target, lines: int = 50) -> list[str]:
     container = _get_container(docker_client(host), name, host)
     raw = container.logs(tail=lines, stdout=True, stderr=True, timestamps=False)
     return raw.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+@read_only_task
+def wait_until_started(target: Target, deadline_s: float = 30.0, interval_s: float = 1.0) -> HealthStreak:
+    """After a restart: probe the health URL until it answers, the deadline passes, or the
+    container has exited again - a release that crashes at start never becomes healthy, so the
+    runbook's next step (roll back) comes at once instead of after the whole deadline. A
+    container that Docker is restarting (a restart policy) is waited for."""
+    host, name = _require_docker(target)
+    client = docker_client(host)
+    url = target.service.health_url
+    deadline = time.monotonic() + deadline_s
+    probes = 0
+    while True:
+        last = check_health(url)
+        probes += 1
+        if last.healthy:
+            return HealthStreak(healthy=True, consecutive=1, required=1, probes=probes, last=last)
+        state = _get_container(client, name, host)
+        state.reload()
+        docker_state = state.attrs["State"]
+        if not docker_state["Running"] and not docker_state.get("Restarting"):
+            return HealthStreak(healthy=False, consecutive=0, required=1, probes=probes, last=last,
+                                gave_up=f"{name} exited again (exit code {docker_state.get('ExitCode')})")
+        if time.monotonic() >= deadline:
+            return HealthStreak(healthy=False, consecutive=0, required=1, probes=probes, last=last)
+        time.sleep(interval_s)
 
 
 @changing_task

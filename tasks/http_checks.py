@@ -39,12 +39,14 @@ class HealthStreak(BaseModel):
     required: int
     probes: int
     last: HealthProbe
+    gave_up: str | None = None  # why the wait ended before its deadline (the process exited)
 
     def describe(self) -> str:
         verdict = "healthy" if self.healthy else "NOT healthy"
         return (
             f"{verdict}: {self.consecutive}/{self.required} consecutive good probes "
             f"after {self.probes} probes; last: {self.last.describe()}"
+            + (f"; stopped waiting: {self.gave_up}" if self.gave_up else "")
         )
 
 

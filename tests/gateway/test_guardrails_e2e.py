@@ -170,4 +170,4 @@ def test_twenty_runs_waiting_for_approval_leave_the_runner_free_to_heal_a_new_fa
         stood_down = FlowRunFilterState(name=FlowRunFilterStateName(any_=["Resolved Without Action"]))
         _wait_for(lambda: _count_runs(stood_down) == 20, "the waiting runs to stand down",
                   timeout_s=240)
-        assert load()["waiting"] == load()["working"] == 0
+        _wait_for(lambda: load()["waiting"] == load()["working"] == 0, "the runner to empty")

@@ -240,3 +240,21 @@ def test_a_dead_holder_leaves_a_lease_that_runs_out(prefect_api, state_dir: Path
     assert (expires - datetime.now(timezone.utc)).total_seconds() <= rules.lease_s, \
         "the lease must run out within lease_s of the last renewal"
     dead.release()
+
+
+def test_a_lock_deleted_by_hand_is_made_again_never_skipped(prefect_api) -> None:
+    from prefect.client.orchestration import get_client
+
+    from incident.locks import lock_name
+
+    rules = LockRules(wait_s=0, lease_s=60, poll_s=0.5)
+    first = TargetLock("recreated", None, rules)
+    assert first.acquire(lambda holder: None) is not None
+    first.release()
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(lock_name("recreated"))
+    again = TargetLock("recreated", None, rules)
+    assert again.acquire(lambda holder: None) is not None
+    assert TargetLock("recreated", None, rules).acquire(lambda holder: None) is None, \
+        "the lock taken after the limit was made again must really be held"
+    again.release()
