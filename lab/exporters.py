@@ -98,11 +98,19 @@ def exporter_scrape_configs(info: LabInfo) -> list[dict]:
 
 
 def _rule(alert: str, expr: str, for_: str, summary: str, description: str) -> dict:
-    return {
+    rule = {
         "alert": alert, "expr": expr, "for": for_,
         "labels": {"severity": "critical", "service": "{{ $labels.service }}"},
         "annotations": {"summary": summary, "description": description},
     }
+    if alert in DEPENDENCY_ALERTS:
+        # Alertmanager lifts an inhibition the moment its source resolves. The service's own
+        # probe recovers a scrape or two after its dependency, so without this the symptom
+        # (ServiceDown) would be sent just as the dependency comes back, and open a second
+        # incident for an outage that is already over. Keeping the source firing a little
+        # longer covers that lag; the dependency's own resolve arrives as much later.
+        rule["keep_firing_for"] = DEPENDENCY_SETTLE
+    return rule
 
 
 def data_tier_rules(*, connections_threshold: float, disk_mount: str, min_free_bytes: int,
@@ -140,3 +148,5 @@ def data_tier_rules(*, connections_threshold: float, disk_mount: str, min_free_b
 #: inhibits ServiceDown for the same service while one of these fires, so one outage opens
 #: one incident (routed to the dependency's runbook), not two runbooks fighting.
 DEPENDENCY_ALERTS = ("RedisDown",)
+#: How long a dependency alert keeps firing (and inhibiting) after its cause is gone.
+DEPENDENCY_SETTLE = "5s"
