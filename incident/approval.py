@@ -377,6 +377,7 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
         incident.approval(entry)
         return Decision(approved=False, record=entry)
     form = ApprovalForm.with_initial_data(description=plan.markdown(rec.scenario, rec.incident_id))
+    asked = now()
     waiting_for = f"the approval of {plan.action} on {plan.target} ({rec.incident_id})"
     try:
         with waiting(waiting_for):  # a run waiting for a person frees its runner slot
@@ -387,13 +388,14 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
             )
     except RunStoppedWhileWaiting as stopped:
         # cancelled (from the UI or the API) while waiting: a human decision not to go on
-        entry = ApprovalRecord(at=now(), action=plan.action, decision="rejected",
+        entry = ApprovalRecord(at=now(), action=plan.action, decision="rejected", asked_at=asked,
                                by=f"run {stopped.state.lower()}", reason=stopped.message or None)
         incident.approval(entry)
         return Decision(approved=False, record=entry)
     if answer is None:
         _leave_expired_pause()
         entry = ApprovalRecord(at=now(), action=plan.action, decision="timed out", by="nobody",
+                               asked_at=asked,
                                reason=f"no decision within {settings.approval_timeout_s} s")
         incident.approval(entry)
         what = what_the_run_changed(rec, plan)
@@ -408,6 +410,6 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
     decision: dict[str, Literal["approved", "rejected", "stood down"]] = {
         "approve": "approved", "reject": "rejected", "stand-down": "stood down"}
     entry = ApprovalRecord(at=now(), action=plan.action, decision=decision[answer.decision],
-                           by=answer.approver, reason=answer.reason)
+                           by=answer.approver, reason=answer.reason, asked_at=asked)
     incident.approval(entry)
     return Decision(approved=approved, record=entry)

@@ -80,6 +80,9 @@ class ApprovalRecord(BaseModel):
                                 "(self-declared unless single sign-on fronts the UI), "
                                 "'policy:<name>', 'dry run' or 'nobody' (timed out)")
     reason: str | None = None
+    asked_at: datetime | None = Field(
+        default=None, description="when a human was asked (the run paused); None when nobody "
+        "was asked (a policy, a dry run, a stand-down before the pause)")
 
 
 class IncidentRecord(BaseModel):
@@ -99,6 +102,7 @@ class IncidentRecord(BaseModel):
     actions: list[ActionTaken] = []
     approvals: list[ApprovalRecord] = []
     verification: str | None = None
+    verified_at: datetime | None = Field(default=None, description="when the fix was verified")
     escalations: list[str] = []
     shadow: bool = Field(default=False, description="shadow mode (policies/guardrails.yaml): the "
                          "changing steps only say what they would have done")
@@ -204,6 +208,7 @@ class Incident:
 
     def verified(self, detail: str) -> None:
         self.record.verification = detail
+        self.record.verified_at = _now()
         self._log("verify", detail)
 
     # -- closing ---------------------------------------------------------------------
