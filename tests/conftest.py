@@ -136,6 +136,38 @@ def gateway(deployed, lab, state_dir: Path):
         yield settings, url
 
 
+@pytest.fixture(scope="session")
+def fake_providers():
+    """PagerDuty, Opsgenie, Slack and Statuspage as a local server that checks every request
+    against the provider's documented schema and answers as the provider would (lab/saas.py)."""
+    from lab.saas import FakeProviders
+
+    with FakeProviders() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_providers):
+    """The module's fake providers, with no request recorded, no failure pending, no state."""
+    fake_providers.clear()
+    return fake_providers
+
+
+@pytest.fixture
+def comms_env(monkeypatch):
+    """Replace every notifier setting by the given ones (nothing leaks in from the machine)."""
+    from comms.settings import CommsSettings, env_name
+
+    def apply(values: dict[str, str]) -> None:
+        for name in CommsSettings.model_fields:
+            monkeypatch.delenv(env_name(name), raising=False)
+        for name in [n for n in os.environ if n.startswith("FAKE_PROVIDERS_")]:
+            monkeypatch.delenv(name)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+    return apply
+
+
 class RestartablePrefectServer:
     """The session's Prefect server (started by the ``prefect_api`` fixture), stopped and
     started again on the same port with the same database (SQLite under ``<state>/prefect``),
