@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, cast
@@ -145,8 +145,11 @@ def load_policies(path: Path | None = None) -> list[AutoApprovalPolicy]:
                                  "fix the policy file; until then every step needs a human") from None
 
 
-def matching_policy(plan: ActionPlan, target: Target, scenario: str) -> AutoApprovalPolicy | None:
-    return next((p for p in load_policies() if p.allows(plan, target, scenario)), None)
+def matching_policy(plan: ActionPlan, target: Target, scenario: str,
+                    extra: Sequence[AutoApprovalPolicy] = ()) -> AutoApprovalPolicy | None:
+    """The first written policy that approves ``plan``: the approval policies, then ``extra``
+    (a drill's approval policy, incident/drills.py)."""
+    return next((p for p in [*load_policies(), *extra] if p.allows(plan, target, scenario)), None)
 
 
 def _leave_expired_pause() -> None:
@@ -347,7 +350,8 @@ def _read_answer(form: type[ApprovalForm], run_id: UUID, key: str, api: _Patient
 
 
 # -- the gate -----------------------------------------------------------------------------
-def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> Decision:
+def request_approval(incident: Incident, plan: ActionPlan, target: Target,
+                     extra_policies: Sequence[AutoApprovalPolicy] = ()) -> Decision:
     """Ask for approval of ``plan``; see the module docstring for the outcomes."""
     rec = incident.record
     now = lambda: datetime.now(timezone.utc)  # noqa: E731
@@ -359,7 +363,7 @@ def request_approval(incident: Incident, plan: ActionPlan, target: Target) -> De
         incident.approval(entry)
         return Decision(approved=False, record=entry)
 
-    policy = matching_policy(plan, target, rec.scenario)
+    policy = matching_policy(plan, target, rec.scenario, extra_policies)
     if policy is not None:
         entry = ApprovalRecord(at=now(), action=plan.action, decision="approved",
                                by=f"policy:{policy.name}", reason=policy.description)

@@ -1,8 +1,9 @@
 """The escalation hook: the run hands the incident to humans.
 
-It always emits the Prefect event ``runbooks.incident.escalated`` (automations,
-and later the PagerDuty / Opsgenie / Slack integrations, hang off it) and, when
-``RUNBOOKS_ESCALATION_WEBHOOK_URL`` is set, POSTs the same JSON there.
+It always emits the Prefect event ``runbooks.incident.escalated`` (automations hang off
+it), POSTs the same JSON to ``RUNBOOKS_ESCALATION_WEBHOOK_URL`` when set, and moves the
+incident one level up the escalation ladder, telling the configured notifiers
+(``incident/comms.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pydantic import BaseModel, Field
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from incident.comms import Clock
 from incident.errors import TargetUnreachableError
 from incident.record import Incident, IncidentRecord
 from incident.settings import get_settings
@@ -47,6 +49,7 @@ def escalate(incident: Incident, reason: str) -> None:
     """Inside a flow: mark the record escalated and hand the incident to humans."""
     incident.escalated(reason)
     send_escalation(EscalationNotice.of(incident.record, reason, flow_run.get_id()))
+    Clock(incident, flow_run.get_id()).escalate_now(reason)  # the ladder: one level up, told
 
 
 def send_escalation(notice: EscalationNotice) -> None:

@@ -195,6 +195,14 @@ class Service(_Model):
     severity_down: Severity = Severity.P0
     severity_degraded: Severity = Severity.P2
     disk: DiskSpec | None = None
+    drill_target: bool = Field(False, description="Drills may break this service on purpose "
+                               "(flows/drill.py); the lab's and drill environments' services "
+                               "always may, a production service never does")
+
+    @property
+    def drillable(self) -> bool:
+        env = self.environment.lower()
+        return env not in ("production", "prod") and (self.drill_target or env in ("lab", "drill"))
 
 
 class Target(_Model):

@@ -42,6 +42,8 @@ from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
 from incident.approval import ActionPlan, matching_policy, request_approval
+from incident.comms import Clock, tell_from_outside
+from incident.drills import drill_on, drill_policies
 from incident.errors import ConfigurationError, NeedsHumanError, RunbookError
 from incident.escalation import EscalationNotice, escalate, send_escalation
 from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADOW_TAG,
@@ -49,9 +51,9 @@ from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADO
                                  load_rules)
 from incident.inventory import Target, load_target
 from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock
-from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
+from incident.record import (DRILL_TAG, Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
                              close_from_outside, load_record, open_incident)
-from incident.waiting import waiting
+from incident.waiting import register_clock, unregister_clock, waiting
 from tasks.common import CHANGING_TAG, ActionResult
 
 R = TypeVar("R", bound=ActionResult)
@@ -114,6 +116,8 @@ _LIVE: dict[str, Incident] = {}
 _LOCKS: dict[str, TargetLock] = {}
 #: Runs that waited for their target's lock: who held it (for "stood aside").
 _WAITED: dict[str, str] = {}
+#: The comms clock of each live incident (incident/comms.py).
+_CLOCKS: dict[str, Clock] = {}
 
 
 def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., State]]:
@@ -132,8 +136,18 @@ def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str 
     rules = load_rules()
     incident = open_incident(scenario, service, trigger, incident_id, dry_run)
     run_id = current_run.get_id()
+    clock = Clock(incident, run_id)
+    incident.on_event = clock.tick
     if run_id:
         _LIVE[str(run_id)] = incident
+        _CLOCKS[str(run_id)] = clock
+        register_clock(str(run_id), clock.tick_while_waiting)
+    drill = drill_on(service.name)
+    if drill is not None:
+        incident.record.drill = drill
+        add_run_tags(DRILL_TAG)
+        incident.note("detect", f"DRILL ({drill.mode} mode, drill run {drill.drill_run_id}): approvals "
+                      + ("follow the drill policy" if drill.mode == "policy" else "wait for a person"))
     if rules.for_scenario(scenario).mode == "shadow" and not dry_run:
         incident.record.shadow = True
         add_run_tags(SHADOW_TAG)
@@ -171,8 +185,16 @@ def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
         incident.note("detect", f"took the lock on {service.name}")
 
 
+def clock_of(incident: Incident) -> Clock:
+    """The comms clock of the current run's incident (a new one outside a flow run)."""
+    run_id = current_run.get_id()
+    return _CLOCKS.get(str(run_id)) or Clock(incident, run_id)
+
+
 def _release_lock(flow_run_id: str) -> None:
     _WAITED.pop(flow_run_id, None)
+    _CLOCKS.pop(flow_run_id, None)
+    unregister_clock(flow_run_id)
     lock = _LOCKS.pop(flow_run_id, None)
     if lock is not None:
         lock.release()
@@ -229,14 +251,22 @@ def close_run_from_outside(flow_run_id: UUID, why: str,
         return fallback is not None
     if record.outcome != "open":  # it closed its record itself: nothing to do
         return False
+    tell_from_outside(record, f"{why}; {record.changes()}", flow_run_id)  # on the record it saves
     record = close_from_outside(flow_run_id, record, why)
     send_escalation(EscalationNotice.of(record, record.summary, flow_run_id))
     return True
 
 
 def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    _LIVE.pop(str(flow_run.id), None)
-    _release_lock(str(flow_run.id))
+    """State hook (Completed): the run closed its incident; whoever was told hears it ended."""
+    incident = _LIVE.pop(str(flow_run.id), None)
+    clock = _CLOCKS.get(str(flow_run.id))
+    try:
+        if incident is not None and clock is not None and incident.record.comms.declared_at:
+            clock.resolve()
+            incident.publish()
+    finally:
+        _release_lock(str(flow_run.id))
 
 
 def already_fine(incident: Incident, seen: Diagnosis) -> State:
@@ -264,11 +294,16 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
             "changing task", f"a @changing_task named {plan.action}",
             "declare the task with tasks.common.changing_task and name the plan after it",
         )
+    clock = clock_of(incident)
     if not incident.record.dry_run:
+        clock.declare()  # the run found a real problem: people hear of it from here on
         stopped = check_guardrails(incident, target, plan)
         if stopped is not None:
             return Step[R](taken=False, closing=stopped)
-    decision = request_approval(incident, plan, target)
+    decision = request_approval(incident, plan, target, drill_policies(incident.record.drill))
+    if decision.record.asked_at is not None and not decision.record.by.startswith("alert-gateway"):
+        # a person answered: someone is on it
+        clock.acknowledge(decision.record.by)
     if not decision.approved:
         return Step[R](taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
     marks = [AUTO_FIX_TAG] if decision.record.by.startswith("policy:") else []
@@ -308,7 +343,7 @@ def check_guardrails(incident: Incident, target: Target, plan: ActionPlan) -> St
                  f"was not run; a human must decide; {rec.changes()}")
         return incident.close("plan only", f"kill switch on: would run {plan.action}: {plan.runs}; "
                               f"{_before(rec, plan)}")
-    policy = matching_policy(plan, target, rec.scenario)
+    policy = matching_policy(plan, target, rec.scenario, drill_policies(rec.drill))
     if rec.shadow:
         who = (f"policy {policy.name} would have approved it" if policy
                else "a human would have been asked to approve it")

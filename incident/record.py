@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Literal
 from uuid import UUID, uuid4
@@ -22,12 +24,15 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field
 
+from comms.notifiers import Delivery
 from incident.inventory import Severity, Target
 
 Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
                   "resolved without action", "held back", "shadow", "plan only"]
 ALERT_UPDATE_PREFIX = "alert-update-"
+#: Runs of a drill (the drill flow and the remediation it provoked): kept out of the metrics.
+DRILL_TAG = "drill"
 #: In an alert update, the words that say every alert of the incident has resolved (the alert
 #: gateway writes them; the approval gate stands down on them instead of pausing).
 ALL_ALERTS_RESOLVED = "no alert of the incident fires any more"
@@ -85,6 +90,27 @@ class ApprovalRecord(BaseModel):
         "was asked (a policy, a dry run, a stand-down before the pause)")
 
 
+class CommsRecord(BaseModel):
+    """Who was told what (incident/comms.py): the ladder level and every delivery."""
+
+    level: str | None = Field(default=None, description="escalation level now (L1..L4); None: "
+                              "nobody was told yet (the run had not found a problem)")
+    level_since: datetime | None = None
+    declared_at: datetime | None = None
+    acknowledged_at: datetime | None = None
+    last_update_at: datetime | None = None
+    deliveries: list[Delivery] = []
+
+
+class DrillMark(BaseModel):
+    """The run was started by a drill (flows/drill.py): approvals follow the drill policy (or a
+    person in game-day mode), and the run stays out of the real-incident metrics."""
+
+    drill_run_id: str
+    scenario: str
+    mode: Literal["policy", "game-day"] = "policy"
+
+
 class IncidentRecord(BaseModel):
     incident_id: str
     scenario: str
@@ -104,6 +130,8 @@ class IncidentRecord(BaseModel):
     verification: str | None = None
     verified_at: datetime | None = Field(default=None, description="when the fix was verified")
     escalations: list[str] = []
+    comms: CommsRecord = CommsRecord()
+    drill: DrillMark | None = None
     shadow: bool = Field(default=False, description="shadow mode (policies/guardrails.yaml): the "
                          "changing steps only say what they would have done")
     kill_switch: bool = Field(default=False, description="the kill switch was on when a changing "
@@ -128,6 +156,8 @@ class IncidentRecord(BaseModel):
                 f"scenario:{self.scenario}", f"service:{self.target}", f"env:{self.environment}"]
         if self.dry_run:
             tags.append("dry-run")
+        if self.drill:
+            tags.append(DRILL_TAG)
         if self.shadow:
             tags.append("shadow")
         if self.kill_switch:
@@ -166,6 +196,10 @@ class Incident:
         self.record = record
         self._logger = get_run_logger()
         self._saved: str | None = None  # key of the saved copy of the record (save_record)
+        self._publishing = threading.Lock()  # a waiting run's comms clock publishes from a thread
+        #: called after every timeline event (incident/kit.py sets the comms clock here)
+        self.on_event: Callable[[], None] | None = None
+        self._in_event = False
 
     # -- recording -------------------------------------------------------------------
     def enter(self, phase: Phase, event: str) -> None:
@@ -238,6 +272,12 @@ class Incident:
     def _log(self, phase: Phase, event: str, publish: bool = True) -> None:
         self.record.timeline.append(TimelineEntry(at=_now(), phase=phase, event=event))
         self._logger.info("[%s] %s", phase, event)
+        if self.on_event is not None and not self._in_event:
+            self._in_event = True
+            try:
+                self.on_event()
+            finally:
+                self._in_event = False
         if publish:
             self.publish()
 
@@ -253,15 +293,16 @@ class Incident:
 
     def publish(self) -> None:
         """Republish the report artifact and save the record where a closer can find it."""
-        self.alert_updates()
-        create_markdown_artifact(
-            markdown=render_report(self.record),
-            key=self.record.artifact_key,
-            description=_description(self.record),
-        )
-        run_id = _run_id()
-        if run_id:
-            self._saved = save_record(run_id, self.record, self._saved)
+        with self._publishing:
+            self.alert_updates()
+            create_markdown_artifact(
+                markdown=render_report(self.record),
+                key=self.record.artifact_key,
+                description=_description(self.record),
+            )
+            run_id = _run_id()
+            if run_id:
+                self._saved = save_record(run_id, self.record, self._saved)
 
 
 def _run_id() -> UUID | None:
@@ -271,7 +312,7 @@ def _run_id() -> UUID | None:
 
 
 _MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run",
-                 "shadow", "kill-switch-on")
+                 "shadow", "kill-switch-on", DRILL_TAG)
 
 
 def _set_run(name: str | None = None, tags: list[str] | None = None,
@@ -436,6 +477,7 @@ def render_report(r: IncidentRecord) -> str:
     lines += ["", "## Verification", "", r.verification or "_not run yet_"]
     if r.escalations:
         lines += ["", "## Escalations", ""] + [f"- {_md(e)}" for e in r.escalations]
+    lines += _comms_section(r)
     lines += ["", ALERT_UPDATES_HEADING, ""] + ([f"- {_md(u)}" for u in r.alert_updates] or ["- none"])
     problems = [f for f in r.findings if not f.ok]
     lines += [
@@ -459,6 +501,21 @@ def render_report(r: IncidentRecord) -> str:
         "| Action | Owner | Deadline | Status |", "|---|---|---|---|", "| | | | [ ] |", "",
     ]
     return "\n".join(lines)
+
+
+def _comms_section(r: IncidentRecord) -> list[str]:
+    c = r.comms
+    if c.level is None and not c.deliveries:
+        return []
+    lines = ["", "## Comms", "", f"- escalation level: {c.level or '-'} since {_t(c.level_since)}"]
+    if c.deliveries:
+        lines += ["", "| Time | Provider | Message | Delivered | Attempts | Detail |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d.at:%H:%M:%S} | {d.provider} | {d.kind} | {'yes' if d.delivered else '**no**'} | "
+                  f"{d.attempts} | {_cell(d.detail)} |" for d in c.deliveries]
+    else:
+        lines.append("- no notifier is configured: only the Prefect event and the escalation webhook "
+                     "(README, Comms)")
+    return lines
 
 
 def add_alert_update(flow_run_id: UUID, incident_id: str, text: str) -> None:

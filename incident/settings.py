@@ -33,6 +33,20 @@ class Settings(BaseSettings):
         description="Guardrail rules (loop guard, shadow mode, blast radius, target lock), "
         "reviewed like code.",
     )
+    escalation_policy: Path = Field(
+        default=REPO_ROOT / "policies" / "escalation.yaml",
+        description="Severity levels, the escalation ladder and status-update intervals "
+        "(reviewed like code).",
+    )
+    drills: Path = Field(
+        default=REPO_ROOT / "policies" / "drills.yaml",
+        description="The drill of each scenario (fault, target, deadline) and the drill "
+        "approval policy (reviewed like code).",
+    )
+    comms_tick_s: float = Field(
+        default=30.0, gt=0, description="How often a run waiting (for a person or a lock) checks "
+        "whether its incident is due to move up the escalation ladder or to send a status update.",
+    )
     approval_timeout_s: int = Field(
         default=900, description="How long a destructive step waits for a human decision."
     )

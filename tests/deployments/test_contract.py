@@ -25,7 +25,9 @@ from incident.record import Trigger
 from incident.settings import REPO_ROOT
 from tasks.common import CHANGING_TAG, READ_ONLY_TAG
 
-DEPLOYMENTS = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+#: the runbook scenarios' deployments (drills and reports are deployments of other flows)
+DEPLOYMENTS = [d for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+               if "runbook" in d.get("tags", [])]
 FLOW_MODULES = sorted(p for p in (REPO_ROOT / "flows").glob("*.py") if not p.name.startswith("_"))
 TASK_MODULES = sorted(p.stem for p in (REPO_ROOT / "tasks").glob("*.py") if not p.name.startswith("_"))
 

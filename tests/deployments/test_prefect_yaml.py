@@ -19,7 +19,31 @@ from incident.settings import REPO_ROOT
 from tasks.http_checks import check_health
 
 PREFECT_YAML = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-DEPLOYMENTS = PREFECT_YAML["deployments"]
+ALL = PREFECT_YAML["deployments"]
+DEPLOYMENTS = [d for d in ALL if "runbook" in d.get("tags", [])]  # the scenarios' own
+OTHERS = [d for d in ALL if d not in DEPLOYMENTS]
+
+
+@pytest.mark.parametrize("deployment", OTHERS, ids=[d["name"] for d in OTHERS])
+def test_drill_and_report_deployments_resolve(deployment):
+    flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
+    flow.validate_parameters(deployment.get("parameters", {}))
+    assert deployment["work_pool"]["name"] == WORK_POOL
+    for schedule in deployment.get("schedules", []):  # monthly on a weekday needs day_or false
+        assert schedule.get("day_or") is False and schedule.get("timezone"), schedule
+    scenario = deployment.get("parameters", {}).get("scenario")
+    if scenario:
+        from incident.drills import load_drills
+
+        assert scenario in load_drills().drills, f"{deployment['name']}: no drill of {scenario}"
+        assert scenario in [d["name"] for d in DEPLOYMENTS], f"{deployment['name']}: no such scenario"
+
+
+def test_every_scenario_has_a_drill():
+    from incident.drills import load_drills
+
+    drilled = {d["parameters"]["scenario"] for d in OTHERS if "scenario" in d.get("parameters", {})}
+    assert drilled == {d["name"] for d in DEPLOYMENTS} == set(load_drills().drills)
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
