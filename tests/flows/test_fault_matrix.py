@@ -359,7 +359,7 @@ def _assert_all_closed_failed(runs, api_url: str) -> None:
 def test_gateway_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks):
     """The gateway runs the remediations in its own process: killed (SIGKILL, no hook runs)
     while they wait for approval, then started again, its recovery closes every record.
-    (The alerts are posted by hand: the real alert path is tests/gateway/test_alertmanager_e2e.py.)"""
+    (The alerts are posted by hand: the real alert path is tests/flows/test_drill.py.)"""
     port = free_port()
     token = "matrix-am-token"
     settings = {"RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token,
