@@ -56,12 +56,23 @@ def wait_paused(run_id, timeout_s: float = 120.0):
     raise AssertionError("the run never paused for approval")
 
 
-def report(incident_id: str) -> str:
-    """The latest version of the incident's report artifact, as the UI shows it."""
+def report(incident_id: str, missing_ok: bool = False) -> str:
+    """The latest version of the incident's report artifact, as the UI shows it; with
+    ``missing_ok``, "" while the run has not published it yet."""
     key = "incident-" + incident_id.lower()
     resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
+    if missing_ok and resp.status_code == 404:
+        return ""
     assert resp.status_code == 200, f"no artifact with key {key}: {resp.status_code}"
     return resp.json()["data"]
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``predicate`` every 0.5 s; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
 
 
 def escalations(api_url: str, incident_id: str, timeout_s: float = 30.0) -> list[dict]:

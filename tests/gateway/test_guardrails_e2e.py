@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gateway.models import SOURCES
 from gateway.settings import GatewaySettings
 from tasks.http_checks import check_health
 from tests.gateway.conftest import payload
+from tests.helpers import report, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -35,19 +35,6 @@ def _post(url: str, source: str, body: dict, settings: GatewaySettings) -> httpx
     raw = json.dumps(body).encode()
     return httpx.post(f"{url}/alerts/{source}", content=raw,
                       headers=signed_headers(source, raw, settings), timeout=30)
-
-
-def _report(incident_id: str) -> str:
-    key = "incident-" + incident_id.lower()
-    resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
-    return resp.json()["data"] if resp.status_code == 200 else ""
-
-
-def _wait_for(predicate, what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def _grafana_service_down(service: str) -> dict:
@@ -86,8 +73,9 @@ def test_two_sources_alerting_on_one_outage_give_one_incident_and_one_change(gat
     assert joined["disposition"] == "attached" and joined["incident_id"] == opened["incident_id"]
     incident_id = opened["incident_id"]
 
-    _wait_for(lambda: "**Status:** resolved" in _report(incident_id), "the one run to heal web")
-    text = _report(incident_id)
+    wait_for(lambda: "**Status:** resolved" in report(incident_id, missing_ok=True), "the one run to heal web",
+             timeout_s=120)
+    text = report(incident_id)
     assert _actions(text).count("| restart_container |") == 1, "one change"
     assert "grafana alert joined" in text, "the record lists the alert that joined"
     assert check_health(healthy_web.info.health_url, timeout_s=2).status_code == 200
@@ -148,7 +136,7 @@ def test_twenty_runs_waiting_for_approval_leave_the_runner_free_to_heal_a_new_fa
         assert resp.status_code == 202, resp.text
         assert {a["disposition"] for a in resp.json()["intake"]["alerts"]} == {"opened"}
         paused = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-        _wait_for(lambda: _count_runs(paused) == 20 and load()["waiting"] == 20,
+        wait_for(lambda: _count_runs(paused) == 20 and load()["waiting"] == 20,
                   "20 runs paused for approval", timeout_s=240)
         assert load()["working"] == 0, "a run waiting for a person holds no working slot"
 
@@ -159,15 +147,15 @@ def test_twenty_runs_waiting_for_approval_leave_the_runner_free_to_heal_a_new_fa
         resp = _post(url, "alertmanager", redis, settings)
         assert resp.status_code == 202, resp.text
         healed = resp.json()["intake"]["alerts"][0]["incident_id"]
-        _wait_for(lambda: "**Status:** resolved" in _report(healed), "the new fault to heal",
+        wait_for(lambda: "**Status:** resolved" in report(healed, missing_ok=True), "the new fault to heal",
                   timeout_s=180)
-        assert "| start_redis |" in _actions(_report(healed))
+        assert "| start_redis |" in _actions(report(healed))
         assert _count_runs(paused) == 20, "the waiting runs are still waiting"
 
         # the alerts resolve: every waiting run stands down, and the runner empties
         resp = _post(url, "alertmanager", _resolved(waiters), settings)
         assert {a["disposition"] for a in resp.json()["intake"]["alerts"]} == {"resolved"}
         stood_down = FlowRunFilterState(name=FlowRunFilterStateName(any_=["Resolved Without Action"]))
-        _wait_for(lambda: _count_runs(stood_down) == 20, "the waiting runs to stand down",
+        wait_for(lambda: _count_runs(stood_down) == 20, "the waiting runs to stand down",
                   timeout_s=240)
-        _wait_for(lambda: load()["waiting"] == load()["working"] == 0, "the runner to empty")
+        wait_for(lambda: load()["waiting"] == load()["working"] == 0, "the runner to empty", timeout_s=120)

@@ -7,14 +7,12 @@ that keeps failing does not stop the remediation, and the record says what was n
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from prefect.flow_runs import resume_flow_run
 
 from flows.service_down import service_down
 from incident.record import load_record
-from tests.helpers import report, run_id_of, start_flow, wait_paused
+from tests.helpers import report, run_id_of, start_flow, wait_for, wait_paused
 
 pytestmark = pytest.mark.lab
 
@@ -45,13 +43,6 @@ def told(fake, comms_env, monkeypatch, tmp_path):
     return fake
 
 
-def _wait_for(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
-
-
 def test_a_waiting_p0_climbs_the_ladder_and_everyone_hears_it_resolved(prefect_api, healthy_web, told):
     lab = healthy_web
     lab.deploy_broken_web()  # the rollback needs a person: the run waits, the clock runs
@@ -59,8 +50,8 @@ def test_a_waiting_p0_climbs_the_ladder_and_everyone_hears_it_resolved(prefect_a
     run_id = run_id_of(incident_id)
     wait_paused(run_id)
     pd = lambda: [r.body["event_action"] for r in told.requests("pagerduty")]  # noqa: E731
-    _wait_for(lambda: len(told.requests("slack")) >= 4, 30,
-              f"the clock never moved the waiting incident up: {pd()}")  # declared, 2 x escalated, update
+    # declared, escalated twice (L2, L3), an update: all while the run waits for a person
+    wait_for(lambda: len(told.requests("slack")) >= 4, "the clock to move the waiting incident up", timeout_s=30)
     resume_flow_run(run_id, run_input={"decision": "approve", "reason": "roll back", "approver": "Ada Lovelace"})
     thread.join(timeout=120)
     assert thread.state is not None and thread.state.is_completed(), thread.state

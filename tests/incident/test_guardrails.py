@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from incident.inventory import Severity
 from incident.locks import TargetLock
 from incident.record import ActionTaken, IncidentRecord, Trigger
 from tasks.http_checks import check_health
-from tests.helpers import (escalations, new_incident_id, report, run_id_of, run_tags, start_flow,
+from tests.helpers import (escalations, new_incident_id, report, run_id_of, run_tags, start_flow, wait_for,
                            wait_paused)
 
 pytestmark = pytest.mark.lab
@@ -186,20 +185,6 @@ def _alert(gateway, body: dict) -> str:
     return resp.json()["intake"]["alerts"][0]["incident_id"]
 
 
-def _report_or_empty(incident_id: str) -> str:
-    """The report, or "" while the run has not published it yet."""
-    key = "incident-" + incident_id.lower()
-    resp = httpx.get(f"{os.environ['PREFECT_API_URL']}/artifacts/{key}/latest", timeout=10)
-    return resp.json()["data"] if resp.status_code == 200 else ""
-
-
-def _wait_for(predicate, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def test_a_manual_run_beside_an_alert_started_run_waits_for_the_lock(
         prefect_api, gateway, healthy_web, every_step_asks):
     healthy_web.kill_web()
@@ -208,7 +193,7 @@ def test_a_manual_run_beside_an_alert_started_run_waits_for_the_lock(
     wait_paused(first)  # the alert's run holds web's lock while it waits for a person
 
     manual, manual_id = start_flow(service_down, target="web", **FAST)
-    _wait_for(lambda: "waiting for the lock on web" in _report_or_empty(manual_id),
+    wait_for(lambda: "waiting for the lock on web" in report(manual_id, missing_ok=True),
               "the manual run to wait")
     assert "held by run" in report(manual_id)
 
