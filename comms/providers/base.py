@@ -147,9 +147,12 @@ class Provider(ABC):
     def request(self, msg: Message, earlier: Sequence[Delivery]) -> Call | NotSent:
         """The request that tells the provider about ``msg``."""
 
-    @abstractmethod
     def accepted(self, call: Call, response: httpx.Response) -> Accepted:
-        """Read a 2xx answer (which may lack what was expected: then say so, do not raise)."""
+        """Read a 2xx answer (which may lack what was expected: then say so, do not raise).
+        By default a JSON answer (PagerDuty's and Opsgenie's 202) is all there is to it."""
+        if not isinstance(answer_json(response), dict):
+            return Accepted(f"{response.status_code} accepted (the answer was not JSON)")
+        return Accepted(f"{response.status_code} accepted")
 
     def error_text(self, response: httpx.Response) -> str:
         """The provider's own words for a refusal, short and scrubbed."""

@@ -20,7 +20,7 @@ import httpx
 
 from comms.messages import Message, render_text, title
 from comms.providers.base import (
-    SOURCE, Accepted, Call, Delivery, NotSent, Provider, answer_json, json_headers, truncate,
+    SOURCE, Call, Delivery, NotSent, Provider, answer_json, json_headers, truncate,
 )
 from incident.inventory import SecretRef
 
@@ -63,12 +63,6 @@ class Opsgenie(Provider):
             "entity": truncate(msg.target, 512),
             "source": SOURCE,
         }
-
-    def accepted(self, call: Call, response: httpx.Response) -> Accepted:
-        body = answer_json(response)
-        if not isinstance(body, dict):
-            return Accepted(f"{response.status_code} accepted (the answer was not JSON)")
-        return Accepted(f"{response.status_code} accepted")
 
     def error_text(self, response: httpx.Response) -> str:
         body = answer_json(response)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from comms.messages import Message, render_text, title
-from comms.providers.base import Accepted, Call, Delivery, NotSent, Provider, answer_json, json_headers, truncate
+from comms.providers.base import Call, Delivery, NotSent, Provider, answer_json, json_headers, truncate
 from incident.inventory import SecretRef
 
 SEVERITY = {"P0": "critical", "P1": "error", "P2": "warning", "P3": "info"}
@@ -51,12 +51,6 @@ class PagerDuty(Provider):
             if msg.run_url:
                 event["links"] = [{"href": msg.run_url, "text": "Prefect run (incident record)"}]
         return Call(action, "POST", self.url, event, json_headers())
-
-    def accepted(self, call: Call, response: httpx.Response) -> Accepted:
-        body = answer_json(response)
-        if not isinstance(body, dict):
-            return Accepted(f"{response.status_code} accepted (the answer was not JSON)")
-        return Accepted(f"{response.status_code} accepted")
 
     def error_text(self, response: httpx.Response) -> str:
         body = answer_json(response)
