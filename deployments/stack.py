@@ -260,7 +260,9 @@ def up() -> None:
     (state / "stack.json").write_text(json.dumps(info, indent=2))
     print(f"""
 Up.
-  Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full)
+  Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full;
+                 monthly drills drill/drill-<scenario>, all at once: drill/drill-all;
+                 the monthly report: incident-metrics/incident-metrics)
   Prefect API    {api_url}
   inventory      {settings.inventory_path}
   alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager;

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from comms.notifiers import Delivery
 from incident.inventory import Severity, Target
+from incident.metrics import postmortem_lines
 
 Phase = Literal["detect", "diagnose", "contain", "fix", "verify", "close"]
 Outcome = Literal["open", "resolved", "already fine", "not approved", "dry run", "failed",
@@ -490,9 +491,9 @@ def render_report(r: IncidentRecord) -> str:
         "- **Root Cause**: _to be confirmed_; automated findings: "
         + ("; ".join(_cell(f.detail) for f in problems[:3]) or "none"),
         f"- **Outcome**: {r.outcome} - {r.summary or 'in progress'}",
-        "", "## Timeline", "", "| Time (UTC) | Event |", "|---|---|",
+        "",
     ]
-    lines += [f"| {e.at:%H:%M:%S} | {_cell(e.event)} |" for e in r.timeline]
+    lines += postmortem_lines(r)  # durations and the computed timeline
     lines += [
         "", "## Root Cause", "", "_Detailed explanation of what caused the incident._", "",
         "## Impact", "", "- **Users Affected**:", f"- **Services Affected**: {r.target}",
