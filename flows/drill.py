@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 DRILL_FLOW = "drill"
 RESULT_TAG = "drill-result:"
+POLL_S = 0.5  # how often the drill looks at the run it watches (the times it reports are the run's own)
 #: Outcomes a run may end with when its fault is one no runbook may heal (heals=False).
 ESCALATED = ("failed", "held back", "not approved")
 
@@ -188,7 +189,7 @@ def _wait_for_run(scenario: str, target: str, drill_run_id: str, since: datetime
         found = [r for r in _runs(scenario, target, since, [DRILL_TAG]) if str(r.id) != drill_run_id]
         if found:
             return min(found, key=lambda r: r.start_time or since)
-        time.sleep(1.0)
+        time.sleep(POLL_S)
     return None
 
 
@@ -218,7 +219,7 @@ def _wait_final(flow_run_id: UUID, ends: float) -> FlowRun:
             run = client.read_flow_run(flow_run_id)
             if (run.state and run.state.is_final()) or time.monotonic() >= ends:
                 return run
-            time.sleep(1.0)
+            time.sleep(POLL_S)
 
 
 def _grade(result: DrillResult, chosen: Fault, run: FlowRun | None, lab: Lab, injected: datetime,
@@ -274,7 +275,7 @@ def _alert_resolved(flow_run_id: UUID, until: float) -> bool:
             return True
         if time.monotonic() >= until:
             return False
-        time.sleep(1.0)
+        time.sleep(POLL_S)
 
 
 def _reset(result: DrillResult, lab: Lab, fault_name: str) -> None:

@@ -64,7 +64,8 @@ def test_respawning_blocker_escalates_with_what_it_saw(prefect_api, healthy_lab)
     lab = healthy_lab
     lab.inject("pg-lock-blocker-respawning")
     try:
-        thread, incident_id = start_flow(db_locks, target="web", **KNOBS)
+        # it never unblocks: a short verification deadline is enough to see that
+        thread, incident_id = start_flow(db_locks, target="web", **{**KNOBS, "verify_deadline_s": 5})
         run_id = run_id_of(incident_id)
         wait_paused(run_id)
         resume_flow_run(run_id, run_input={"decision": "approve", "reason": "end it", "approver": "Ada Lovelace"})
