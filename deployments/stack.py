@@ -261,7 +261,7 @@ def up() -> None:
     print(f"""
 Up.
   Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full;
-                 monthly drills drill/drill-<scenario>, all at once: drill/drill-all;
+                 monthly drills drill/drill-<scenario>, all at once: drill-all/drill-all;
                  the monthly report: incident-metrics/incident-metrics)
   Prefect API    {api_url}
   inventory      {settings.inventory_path}
