@@ -220,7 +220,7 @@ def test_docker_engine_stopped_mid_run(prefect_api, broken_lab):
 #: How long the Prefect API stays away under the first wave: longer than Prefect's own pause
 #: loop survives (its client gives up after ~60 s of connection errors). By hand, e.g. 11 min:
 #: RUNBOOKS_TEST_API_OUTAGE_S=660 .venv/bin/python -m pytest tests/flows/test_fault_matrix.py -k outage
-OUTAGE_S = float(os.environ.get("RUNBOOKS_TEST_API_OUTAGE_S", "75"))
+OUTAGE_S = float(os.environ.get("RUNBOOKS_TEST_API_OUTAGE_S", "65"))
 
 
 class _Warnings(logging.Handler):
