@@ -51,8 +51,8 @@ from pydantic import BaseModel
 from incident.drills import DrillMode, load_drills, mark_target, unmark_target
 from incident.errors import ConfigurationError
 from incident.inventory import load_target
-from incident.record import (ALERT_UPDATE_PREFIX, DRILL_TAG, IncidentRecord, Trigger, add_run_tags,
-                             load_record)
+from incident.record import (DRILL_TAG, IncidentRecord, Trigger, add_run_tags, load_record,
+                             read_alert_updates)
 from incident.settings import REPO_ROOT, get_settings
 
 if TYPE_CHECKING:
@@ -269,9 +269,7 @@ def _from_record(result: DrillResult, record: IncidentRecord) -> None:
 
 def _alert_resolved(flow_run_id: UUID, until: float) -> bool:
     while True:
-        with get_client(sync_client=True) as client:
-            updates = client.filter_flow_run_input(flow_run_id, ALERT_UPDATE_PREFIX, 100, set())
-        if any("RESOLVED" in json.dumps(u.value) for u in updates):
+        if any("RESOLVED" in update for update in read_alert_updates(flow_run_id)):
             return True
         if time.monotonic() >= until:
             return False

@@ -22,13 +22,15 @@ import logging
 from datetime import datetime, timezone
 from typing import Literal
 
+from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_UI_URL
 
 from comms.messages import Kind, Message
 from comms.notifiers import Delivery, Notifiers
 from incident.errors import ConfigurationError
-from incident.ladder import EscalationPolicy, load_escalation_policy
-from incident.record import Incident, IncidentRecord
+from incident.ladder import EscalationPolicy, Rung, load_escalation_policy
+from incident.record import CommsRecord, Incident, IncidentRecord
+from incident.waiting import register_clock, unregister_clock
 
 Status = Literal["investigating", "identified", "fixing", "monitoring", "resolved"]
 _log = logging.getLogger("runbooks.comms")
@@ -110,6 +112,20 @@ def _told(incident: Incident, kind: str, sent: list[Delivery], why: str = "") ->
     incident.note(incident.record.timeline[-1].phase if incident.record.timeline else "detect", text)
 
 
+def _open_ladder(c: CommsRecord, policy: EscalationPolicy) -> None:
+    """Declared now, at the ladder's first level."""
+    now = _now()
+    c.declared_at, c.level, c.level_since, c.last_update_at = now, policy.first.level, now, now
+
+
+def _climb(c: CommsRecord, policy: EscalationPolicy) -> Rung | None:
+    """One level up now; None at the top of the ladder (the level stays)."""
+    nxt = policy.above(c.level or policy.first.level)
+    if nxt is not None:
+        c.level, c.level_since = nxt.level, _now()
+    return nxt
+
+
 class Clock:
     """The comms of one live incident: declare, acknowledge, escalate, update, resolve."""
 
@@ -143,8 +159,7 @@ class Clock:
         c = self.record.comms
         if _silent(self.record) or c.declared_at is not None:
             return
-        now = _now()
-        c.declared_at, c.level, c.level_since, c.last_update_at = now, self.policy.first.level, now, now
+        _open_ladder(c, self.policy)
         sev = self.policy.severities[self.record.severity]
         why = (f"{self.record.severity.value} {sev.name}: respond within {sev.respond_within_minutes:g} min; "
                f"{self.policy.first.describe()}")
@@ -163,11 +178,8 @@ class Clock:
         if _silent(self.record):
             return
         self.declare()
-        c = self.record.comms
-        nxt = self.policy.above(c.level or self.policy.first.level)
-        if nxt is not None:
-            c.level, c.level_since = nxt.level, _now()
-        where = nxt.describe() if nxt else f"{c.level} (the top of the ladder)"
+        nxt = _climb(self.record.comms, self.policy)
+        where = nxt.describe() if nxt else f"{self.record.comms.level} (the top of the ladder)"
         _told(self.incident, "escalated", self._send("escalated", note=f"{reason}; now {where}"), where)
 
     def tick(self) -> None:
@@ -213,10 +225,36 @@ def tell_from_outside(record: IncidentRecord, reason: str, flow_run_id: object) 
     if _silent(record):
         return
     policy = load_escalation_policy()
-    c = record.comms
-    if c.level is None:
-        c.declared_at, c.level, c.level_since = _now(), policy.first.level, _now()
-    nxt = policy.above(c.level)
-    if nxt is not None:
-        c.level, c.level_since = nxt.level, _now()
+    if record.comms.level is None:
+        _open_ladder(record.comms, policy)
+    _climb(record.comms, policy)
     send(record, "escalated", flow_run_id=flow_run_id, note=reason, policy=policy)
+
+
+# -- one clock per live run ---------------------------------------------------------------------
+_CLOCKS: dict[str, Clock] = {}
+
+
+def start_clock(incident: Incident) -> Clock:
+    """The clock of the current run's incident (``begin``): it ticks at every timeline event,
+    and every ``RUNBOOKS_COMMS_TICK_S`` while the run waits (incident/waiting.py)."""
+    run_id = current_run.get_id()
+    clock = Clock(incident, run_id)
+    incident.on_event = clock.tick
+    if run_id:
+        _CLOCKS[str(run_id)] = clock
+        register_clock(str(run_id), clock.tick_while_waiting)
+    return clock
+
+
+def clock_for(incident: Incident) -> Clock:
+    """The clock ``start_clock`` gave the current run's incident (a new one if it has none)."""
+    run_id = current_run.get_id()
+    clock = _CLOCKS.get(str(run_id)) if run_id else None
+    return clock if clock is not None and clock.incident is incident else Clock(incident, run_id)
+
+
+def stop_clock(flow_run_id: str) -> Clock | None:
+    """The run ended: its clock stops; returns it (for the last word, ``resolve``)."""
+    unregister_clock(flow_run_id)
+    return _CLOCKS.pop(flow_run_id, None)

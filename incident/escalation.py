@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from incident.comms import Clock
+from incident.comms import clock_for
 from incident.errors import TargetUnreachableError
 from incident.record import Incident, IncidentRecord
 from incident.settings import get_settings
@@ -49,7 +49,7 @@ def escalate(incident: Incident, reason: str) -> None:
     """Inside a flow: mark the record escalated and hand the incident to humans."""
     incident.escalated(reason)
     send_escalation(EscalationNotice.of(incident.record, reason, flow_run.get_id()))
-    Clock(incident, flow_run.get_id()).escalate_now(reason)  # the ladder: one level up, told
+    clock_for(incident).escalate_now(reason)  # the ladder: one level up, told
 
 
 def send_escalation(notice: EscalationNotice) -> None:

@@ -42,7 +42,7 @@ from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
 from incident.approval import ActionPlan, matching_policy, request_approval
-from incident.comms import Clock, tell_from_outside
+from incident.comms import clock_for, start_clock, stop_clock, tell_from_outside
 from incident.drills import drill_on, drill_policies
 from incident.errors import ConfigurationError, NeedsHumanError, RunbookError
 from incident.escalation import EscalationNotice, escalate, send_escalation
@@ -51,9 +51,9 @@ from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADO
                                  load_rules)
 from incident.inventory import Target, load_target
 from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock
-from incident.record import (DRILL_TAG, Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
+from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
                              close_from_outside, load_record, open_incident)
-from incident.waiting import register_clock, unregister_clock, waiting
+from incident.waiting import waiting
 from tasks.common import CHANGING_TAG, ActionResult
 
 R = TypeVar("R", bound=ActionResult)
@@ -116,8 +116,6 @@ _LIVE: dict[str, Incident] = {}
 _LOCKS: dict[str, TargetLock] = {}
 #: Runs that waited for their target's lock: who held it (for "stood aside").
 _WAITED: dict[str, str] = {}
-#: The comms clock of each live incident (incident/comms.py).
-_CLOCKS: dict[str, Clock] = {}
 
 
 def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., State]]:
@@ -134,18 +132,13 @@ def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str 
     unless the run changes nothing (dry run, shadow mode), take the target's lock."""
     service = load_target(target)
     rules = load_rules()
-    incident = open_incident(scenario, service, trigger, incident_id, dry_run)
+    drill = drill_on(service.name)
+    incident = open_incident(scenario, service, trigger, incident_id, dry_run, drill)
     run_id = current_run.get_id()
-    clock = Clock(incident, run_id)
-    incident.on_event = clock.tick
+    start_clock(incident)
     if run_id:
         _LIVE[str(run_id)] = incident
-        _CLOCKS[str(run_id)] = clock
-        register_clock(str(run_id), clock.tick_while_waiting)
-    drill = drill_on(service.name)
     if drill is not None:
-        incident.record.drill = drill
-        add_run_tags(DRILL_TAG)
         incident.note("detect", f"DRILL ({drill.mode} mode, drill run {drill.drill_run_id}): approvals "
                       + ("follow the drill policy" if drill.mode == "policy" else "wait for a person"))
     if rules.for_scenario(scenario).mode == "shadow" and not dry_run:
@@ -185,16 +178,9 @@ def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
         incident.note("detect", f"took the lock on {service.name}")
 
 
-def clock_of(incident: Incident) -> Clock:
-    """The comms clock of the current run's incident (a new one outside a flow run)."""
-    run_id = current_run.get_id()
-    return _CLOCKS.get(str(run_id)) or Clock(incident, run_id)
-
-
 def _release_lock(flow_run_id: str) -> None:
     _WAITED.pop(flow_run_id, None)
-    _CLOCKS.pop(flow_run_id, None)
-    unregister_clock(flow_run_id)
+    stop_clock(flow_run_id)
     lock = _LOCKS.pop(flow_run_id, None)
     if lock is not None:
         lock.release()
@@ -260,11 +246,11 @@ def close_run_from_outside(flow_run_id: UUID, why: str,
 def _forget_run(flow: Flow, flow_run: FlowRun, state: State) -> None:
     """State hook (Completed): the run closed its incident; whoever was told hears it ended."""
     incident = _LIVE.pop(str(flow_run.id), None)
-    clock = _CLOCKS.get(str(flow_run.id))
+    clock = stop_clock(str(flow_run.id))
     try:
         if incident is not None and clock is not None and incident.record.comms.declared_at:
             clock.resolve()
-            incident.publish()
+            incident.publish()  # the resolved deliveries on the record
     finally:
         _release_lock(str(flow_run.id))
 
@@ -294,7 +280,7 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
             "changing task", f"a @changing_task named {plan.action}",
             "declare the task with tasks.common.changing_task and name the plan after it",
         )
-    clock = clock_of(incident)
+    clock = clock_for(incident)
     if not incident.record.dry_run:
         clock.declare()  # the run found a real problem: people hear of it from here on
         stopped = check_guardrails(incident, target, plan)

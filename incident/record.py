@@ -198,7 +198,7 @@ class Incident:
         self._logger = get_run_logger()
         self._saved: str | None = None  # key of the saved copy of the record (save_record)
         self._publishing = threading.Lock()  # a waiting run's comms clock publishes from a thread
-        #: called after every timeline event (incident/kit.py sets the comms clock here)
+        #: called after every timeline event (incident/comms.py starts the comms clock here)
         self.on_event: Callable[[], None] | None = None
         self._in_event = False
 
@@ -287,9 +287,7 @@ class Incident:
         run_id = _run_id()
         if not run_id:
             return []
-        with get_client(sync_client=True) as client:
-            inputs = client.filter_flow_run_input(run_id, ALERT_UPDATE_PREFIX, 100, set())
-        self.record.alert_updates = [i.decoded_value for i in sorted(inputs, key=lambda i: str(i.created))]
+        self.record.alert_updates = read_alert_updates(run_id)
         return self.record.alert_updates
 
     def publish(self) -> None:
@@ -304,6 +302,13 @@ class Incident:
             run_id = _run_id()
             if run_id:
                 self._saved = save_record(run_id, self.record, self._saved)
+
+
+def read_alert_updates(flow_run_id: UUID) -> list[str]:
+    """What the alert gateway sent about the run's incident (re-fires, resolves), oldest first."""
+    with get_client(sync_client=True) as client:
+        inputs = client.filter_flow_run_input(flow_run_id, ALERT_UPDATE_PREFIX, 100, set())
+    return [i.decoded_value for i in sorted(inputs, key=lambda i: str(i.created))]
 
 
 def _run_id() -> UUID | None:
@@ -378,9 +383,8 @@ def close_from_outside(flow_run_id: UUID, record: IncidentRecord, why: str) -> I
     record.outcome, record.summary, record.closed_at = "failed", summary, _now()
     record.escalations.append(summary)
     record.timeline.append(TimelineEntry(at=record.closed_at, phase="close", event=f"failed: {summary}"))
+    record.alert_updates = read_alert_updates(flow_run_id)
     with get_client(sync_client=True) as client:
-        updates = client.filter_flow_run_input(flow_run_id, ALERT_UPDATE_PREFIX, 100, set())
-        record.alert_updates = [i.decoded_value for i in sorted(updates, key=lambda i: str(i.created))]
         client.create_artifact(ArtifactCreate(
             key=record.artifact_key, type="markdown", data=render_report(record),
             description=_description(record), flow_run_id=flow_run_id))
@@ -395,6 +399,7 @@ def open_incident(
     trigger: Trigger | None,
     incident_id: str | None,
     dry_run: bool,
+    drill: DrillMark | None = None,
 ) -> Incident:
     """Start the record: names and tags the flow run, publishes the first report."""
     trigger = trigger or Trigger(kind="manual", source=None)
@@ -407,6 +412,7 @@ def open_incident(
         dry_run=dry_run,
         trigger=trigger,
         opened_at=_now(),
+        drill=drill,
     )
     incident = Incident(record)
     _set_run(name=f"{record.incident_id} {scenario} {target.name}", tags=incident.tags)
