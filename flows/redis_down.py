@@ -55,6 +55,7 @@ def redis_down(
     healthy_probes: int = 3,
     verify_deadline_s: int = 60,
     check_interval_s: float = 1.0,
+    verify_service: bool = True,
 ) -> State:
     """Bring a stopped Redis back with its start command, and prove Redis and the service healthy.
 
@@ -67,6 +68,9 @@ def redis_down(
         healthy_probes: consecutive good health probes of the service that count as recovered.
         verify_deadline_s: how long each verification may take before the run escalates.
         check_interval_s: seconds between PINGs and between health probes while verifying.
+        verify_service: also prove the service healthy. False when the run that called this one
+            as a step starts the service itself once Redis answers, and verifies it (app-wont-start:
+            a service that cannot start without Redis is not healthy before that).
     """
     incident, service = begin(SCENARIO, target, trigger, incident_id, dry_run)
     require_redis(service)
@@ -106,8 +110,9 @@ def redis_down(
         return step.closed
 
     # 4. Verify: Redis answers N PINGs in a row, then the service is healthy again
-    incident.enter("verify", f"{redis_checks} consecutive PINGs and {healthy_probes} healthy "
-                             f"probes of {service.name}, each within {verify_deadline_s} s")
+    incident.enter("verify", f"{redis_checks} consecutive PINGs"
+                   + (f" and {healthy_probes} healthy probes of {service.name}" if verify_service else "")
+                   + f", each within {verify_deadline_s} s")
     streak = wait_until_redis_answers(service, consecutive=redis_checks, deadline_s=verify_deadline_s,
                                       interval_s=check_interval_s)
     if not streak.answers:
@@ -118,6 +123,11 @@ def redis_down(
             incident, f"{label} still does not answer after the start: {streak.describe()}"
             + (f"; {process.describe()}" if process else ""),
             expected=f"{label} answering PING", error=VerificationFailedError)
+    if not verify_service:
+        incident.verified(f"{streak.describe()}; {service.name} is started and verified by the run "
+                          "that called this one")
+        return incident.close("resolved", f"{label} answers again ({streak.consecutive} PINGs); "
+                                          f"{service.name} is started and verified by the run that called this one")
     health = wait_until_healthy(service, consecutive=healthy_probes, deadline_s=verify_deadline_s,
                                 interval_s=check_interval_s)
     incident.verified(f"{streak.describe()}; {service.name}: {health.describe()}")

@@ -35,6 +35,17 @@ runner can read, e.g. a mounted secret) or ``prefect-secret:block-name``.
           cleanup:
             - {path: /srv/app/logs, older_than_days: 30, what: logs}
             - {path: /srv/app/backups, older_than_days: 60, what: backups}
+        app:                          # the application runbooks (memory/CPU, upstream, deploy, logs, queue)
+          metrics_url: http://127.0.0.1:18080/metrics
+          admin_url: http://127.0.0.1:18080/admin
+          admin_token: "file:/run/secrets/web_admin_token"
+          prometheus_url: http://127.0.0.1:9090
+          upstream: {name: prices, health_url: "http://127.0.0.1:18081/health",
+                     probe_url: "http://127.0.0.1:18081/price"}
+          required_settings: [LABWEB_UPSTREAM, LABWEB_PG, LABWEB_REDIS]
+          start_dependencies: [redis]
+          log: {path: /var/log/labweb/app.log, max_bytes: 104857600, keep: 5}
+          queue: {redis: lab, key: jobs, consumer_container: lab-worker, max_backlog: 1000}
 """
 
 from __future__ import annotations
@@ -182,6 +193,66 @@ class DiskSpec(_Model):
     cleanup: list[CleanupRule] = []
 
 
+class UpstreamSpec(_Model):
+    """An API the service calls on every request (runbook: upstream outage)."""
+
+    name: str = Field(description="How the runbooks name it, e.g. prices")
+    health_url: str = Field(description="The upstream's own health endpoint")
+    probe_url: str = Field(description="A request like the service's own, e.g. GET /price")
+    timeout_s: float = Field(2.0, gt=0)
+
+
+class LogSpec(_Model):
+    """The service's log file on its ssh_host (runbook: log and backlog growth)."""
+
+    path: str = Field(description="Absolute path on the service's ssh_host")
+    max_bytes: int = Field(100 * 1024**2, gt=0, description="Larger than this counts as too large")
+    keep: int = Field(5, ge=1, description="Rotated, gzip-compressed copies kept (path.1.gz .. path.N.gz)")
+
+
+class QueueSpec(_Model):
+    """A Redis list the service produces to and a consumer container drains."""
+
+    redis: str = Field(description="A key into ``redis:``")
+    key: str = Field(description="The Redis list the service produces to")
+    consumer_container: str = Field(description="The consumer's container, on the service's docker_host")
+    max_backlog: int = Field(1000, gt=0, description="More queued jobs than this counts as a backlog")
+    min_drain_per_s: float = Field(1.0, gt=0, description="Verify: the backlog shrinks at least this fast")
+
+
+class AppSpec(_Model):
+    """What the application runbooks need to know about a service's own process."""
+
+    metrics_url: str = Field(description="The service's Prometheus metrics endpoint")
+    admin_url: str = Field(description="Base URL of its admin endpoints, e.g. http://127.0.0.1:18080/admin")
+    admin_token: SecretRef = Field(description="Bearer token of the admin endpoints (a secret reference)")
+    prometheus_url: str | None = Field(None, description="For windowed queries (error rate)")
+    upstream: UpstreamSpec | None = None
+    memory_alert_fraction: float = Field(0.8, gt=0, le=1, description="RSS / limit at which memory "
+                                         "counts as near the limit")
+    memory_baseline_fraction: float = Field(0.5, gt=0, le=1, description="Verify: RSS back under "
+                                            "this share of the limit")
+    cpu_alert_cores: float = Field(0.8, gt=0, description="Sustained CPU above this counts as a spin")
+    error_rate_threshold: float = Field(0.05, gt=0, le=1, description="Runbooks 001/003: roll back "
+                                        "above 5 % errors")
+    error_rate_window_s: int = Field(300, gt=0)
+    upstream_deadline_s: int = Field(1800, gt=0, description="How long to wait for an upstream "
+                                     "before escalating")
+    required_settings: list[str] = Field(default=[], description="Settings the service refuses "
+                                         "to start without")
+    start_dependencies: list[str] = Field(default=[], description='"redis" / "database": checked '
+                                          "when the service won't start")
+    log: LogSpec | None = None
+    queue: QueueSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_secret(cls, data: dict) -> dict:
+        if isinstance(data, dict) and "admin_token" in data:
+            data = {**data, "admin_token": _secret(data["admin_token"])}
+        return data
+
+
 class Service(_Model):
     environment: str = Field(description="production, staging, lab, drill ...")
     owner: str
@@ -195,6 +266,7 @@ class Service(_Model):
     severity_down: Severity = Severity.P0
     severity_degraded: Severity = Severity.P2
     disk: DiskSpec | None = None
+    app: AppSpec | None = None
     drill_target: bool = Field(False, description="Drills may break this service on purpose "
                                "(flows/drill.py); the lab's and drill environments' services "
                                "always may, a production service never does")
@@ -215,6 +287,8 @@ class Target(_Model):
     database: Database | None = None
     redis: RedisInstance | None = None
     redis_host: SshHost | None = Field(None, description="The SSH host Redis runs on")
+    app_redis: RedisInstance | None = Field(None, description="The Redis of the service's queue "
+                                            "(service.app.queue.redis)")
 
 
 class Inventory(_Model):
@@ -238,6 +312,12 @@ class Inventory(_Model):
                 raise ValueError(f"service {name!r} names a container but no docker_host")
             if svc.disk and not svc.ssh_host:
                 raise ValueError(f"service {name!r} has a disk but no ssh_host to reach it")
+            if svc.app and svc.app.queue:
+                refs.append((f"{name} app.queue", svc.app.queue.redis, self.redis, "redis"))
+                if not svc.docker_host:
+                    raise ValueError(f"service {name!r} has a queue consumer container but no docker_host")
+            if svc.app and svc.app.log and not svc.ssh_host:
+                raise ValueError(f"service {name!r} has an app log but no ssh_host to reach it")
         for name, r in self.redis.items():
             refs.append((f"redis {name}", r.ssh_host, self.ssh_hosts, "ssh_hosts"))
         for name, ref, table, section in refs:
@@ -255,6 +335,7 @@ class Inventory(_Model):
                 "pick a listed service, or add it to the inventory file",
             ) from None
         redis = self.redis.get(svc.redis) if svc.redis else None
+        queue = svc.app.queue if svc.app else None
         return Target(
             name=name,
             service=svc,
@@ -263,6 +344,7 @@ class Inventory(_Model):
             database=self.databases.get(svc.database) if svc.database else None,
             redis=redis,
             redis_host=self.ssh_hosts.get(redis.ssh_host) if redis and redis.ssh_host else None,
+            app_redis=self.redis.get(queue.redis) if queue else None,
         )
 
 

@@ -50,7 +50,7 @@ from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADO
                                  GuardrailRules, judge_blast_radius, judge_loop, kill_switch_on,
                                  load_rules)
 from incident.inventory import Target, load_target
-from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock
+from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock, parent_run_of
 from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
                              close_from_outside, load_record, open_incident)
 from incident.waiting import waiting
@@ -116,6 +116,8 @@ _LIVE: dict[str, Incident] = {}
 _LOCKS: dict[str, TargetLock] = {}
 #: Runs that waited for their target's lock: who held it (for "stood aside").
 _WAITED: dict[str, str] = {}
+#: Subflow runs under the lock of the run that called them: subflow run id -> parent run id.
+_BORROWED: dict[str, str] = {}
 
 
 def runbook_flow(scenario: str) -> Callable[[Callable[..., State]], Flow[..., State]]:
@@ -154,7 +156,16 @@ def begin(scenario: str, target: str, trigger: Trigger | None, incident_id: str 
 def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
                      run_id: str | None) -> None:
     """Hold the target's lock until the run ends (the state hooks give it back); a run that
-    has to wait frees its runner slot meanwhile, and says whom it waited for."""
+    has to wait frees its runner slot meanwhile, and says whom it waited for. A subflow of the
+    run holding the lock (a runbook run as a step of another, on the same target) runs under
+    its parent's lock: waiting would wait for itself."""
+    parent = parent_run_of(UUID(run_id)) if run_id and _LOCKS else None  # subflows run in-process
+    held = _lock_of(str(parent)) if parent else None
+    if run_id and held is not None and held.target == service.name:
+        _BORROWED[run_id] = str(parent)
+        incident.note("detect", f"runs under the lock on {service.name} held by the run that "
+                      f"called it (flow run {parent}): it is a step of that run")
+        return
     lock = TargetLock(service.name, UUID(run_id) if run_id else None, rules.lock)
 
     def told(holder: str) -> None:
@@ -178,8 +189,18 @@ def take_target_lock(incident: Incident, service: Target, rules: GuardrailRules,
         incident.note("detect", f"took the lock on {service.name}")
 
 
+def _lock_of(run_id: str | None) -> TargetLock | None:
+    """The lock a run holds, or the one the run that called it holds for it (a subflow)."""
+    while run_id is not None:
+        if run_id in _LOCKS:
+            return _LOCKS[run_id]
+        run_id = _BORROWED.get(run_id)
+    return None
+
+
 def _release_lock(flow_run_id: str) -> None:
     _WAITED.pop(flow_run_id, None)
+    _BORROWED.pop(flow_run_id, None)  # the parent's lock stays with the parent
     stop_clock(flow_run_id)
     lock = _LOCKS.pop(flow_run_id, None)
     if lock is not None:
@@ -336,7 +357,7 @@ def check_guardrails(incident: Incident, target: Target, plan: ActionPlan) -> St
         incident.guardrail("fix", f"shadow: would run {plan.action} on {plan.target}: {plan.runs} ({who})")
         return incident.close("shadow", f"shadow mode: would run {plan.action}: {plan.runs} ({who}); "
                               f"{_before(rec, plan)}")
-    lock = _LOCKS.get(str(run_id)) if run_id else None
+    lock = _lock_of(str(run_id)) if run_id else None
     held = lock.lost if lock is not None else None
     held = held or judge_blast_radius(rec, plan.action, plan.target, rules.blast_radius, run_id)
     if held is None and policy is not None:  # the loop guard stops automatic fixes only

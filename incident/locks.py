@@ -9,6 +9,8 @@ frees the slot at most ``lease_s`` (plus its 15 s sweep) later. Any run counts -
 manual, any scenario - because the lock is taken by the flow, not by whoever started it.
 
 The holder is tagged ``lock:<service>`` so that a waiting run can say who it waits for.
+A subflow of the holder on the same target (a runbook that runs another one as a step) runs
+under its parent's lock instead of waiting for it (``incident/kit.py``, ``parent_run_of``).
 Leases live in the Prefect server's lease storage; the stack runs the server with the
 file-based storage (``deployments/stack.py``) so that a server restart keeps them.
 """
@@ -45,6 +47,16 @@ CALL_TIMEOUT_S = 10.0
 _KNOWN_LIMITS: set[str] = set()
 #: The states of a run that may hold a lock (a final run has given it back or died).
 _LIVE_STATES = [StateType.RUNNING, StateType.PAUSED, StateType.PENDING, StateType.CANCELLING]
+
+
+def parent_run_of(flow_run_id: UUID) -> UUID | None:
+    """The run that called ``flow_run_id`` as a subflow (the run of its parent task run), or
+    None for a top-level run."""
+    with get_client(sync_client=True, httpx_settings={"timeout": CALL_TIMEOUT_S}) as client:
+        run = client.read_flow_run(flow_run_id)
+        if run.parent_task_run_id is None:
+            return None
+        return client.read_task_run(run.parent_task_run_id).flow_run_id
 
 
 class LockMissingError(RuntimeError):

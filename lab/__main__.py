@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from lab import faults
+from lab import app, faults
 from lab.core import Lab, LabError
 
 
@@ -32,7 +32,14 @@ def _up(lab: Lab, args: list[str]) -> int:
     print(f"lab up in {time.monotonic() - t0:.1f}s ({lab.lab_dir})")
     print(f"  health URL     {info.health_url}")
     print(f"  docker socket  {info.docker_base_url}   (docker -H {info.docker_base_url} ps)")
-    print(f"  container      {info.container_name} ({info.web_image})")
+    print(f"  container      {info.container_name} ({info.web_image}; metrics {info.metrics_url}, "
+          f"admin token {info.admin_token_file})")
+    print(f"  upstream       {info.upstream_url}/price   (container {app.UPSTREAM_CONTAINER})")
+    print(f"  worker         {info.worker_url}/metrics   (container {app.WORKER_CONTAINER}, "
+          f"consumes Redis list '{app.QUEUE_KEY}')")
+    print(f"  traffic        {app.TRAFFIC_RPS} requests/s on http://127.0.0.1:{info.web_port}/api/price "
+          f"(log {lab.log('traffic')})")
+    print(f"  app log        {info.app_log_file}")
     print(f"  postgres       127.0.0.1:{info.pg_port} db=app user=app password file {info.pg_password_file}")
     print(f"  redis          127.0.0.1:{info.redis_port}")
     print(f"  ssh            ssh -i {info.ssh_key} -o UserKnownHostsFile={info.known_hosts} "
@@ -40,7 +47,8 @@ def _up(lab: Lab, args: list[str]) -> int:
     print(f"  inventory      {lab.inventory_path}")
     if alerting:
         print(f"  prometheus     {info.prometheus_url}   (rules: ServiceDown on {info.health_url}; "
-              "PostgresConnectionsExhausted, PostgresLockContention, RedisDown, DiskSpaceLow)")
+              "PostgresConnectionsExhausted, PostgresLockContention, RedisDown, DiskSpaceLow, AppMemoryHigh, "
+              "AppCpuHigh, UpstreamFailing, HighErrorRate, ServiceWontStart, LogFileTooLarge, QueueBacklogHigh)")
         print(f"  alertmanager   {info.alertmanager_url}")
         print(f"  blackbox       {info.blackbox_url}")
         print(f"  webhook to     {info.gateway_url}/alerts/alertmanager   "

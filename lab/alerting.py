@@ -106,7 +106,10 @@ def prometheus_rules(extra_groups: list[dict] | None = None) -> dict:
                 "rules": [
                     {
                         "alert": "ServiceDown",
-                        "expr": 'probe_success{job="blackbox"} == 0',
+                        # a service that fails to start is ServiceWontStart's incident (the
+                        # status file its start writes, through the node exporter)
+                        "expr": ('probe_success{job="blackbox"} == 0 unless on (service) '
+                                 f"(labweb_start_failed{{{_ex.WONT_START}}} > 0)"),
                         "for": "2s",  # short for the lab; production would use 1m or more
                         "labels": {"severity": "critical", "service": "{{ $labels.service }}"},
                         "annotations": {
@@ -143,6 +146,8 @@ def alertmanager_config(*, gateway_url: str, token_file: Path) -> dict:
                 "target_matchers": ['alertname="ServiceDown"'],
                 "equal": ["service"],
             },
+            *({"source_matchers": [f'alertname="{source}"'], "target_matchers": [f'alertname="{target}"'],
+               "equal": ["service"]} for source, target in _ex.APP_INHIBITIONS),
         ],
         "receivers": [
             {
@@ -233,6 +238,7 @@ class Alerting:
             raise LabError(f"{name}: `{' '.join(argv)}` failed:\n{out}\nlog: {self.ctx.log(name)}")
 
     def _write_configs(self) -> dict[str, bool]:
+        from lab import app
         from lab.disk import MIN_FREE_BYTES, MIN_FREE_FRACTION, mount_path
         from lab.postgres import LAB_CONNECTIONS_THRESHOLD
 
@@ -250,7 +256,11 @@ class Alerting:
                 alertmanager_config(gateway_url=i.gateway_url, token_file=i.alertmanager_token_file),
                 "Alertmanager: route every alert to the runbooks gateway webhook"),
         }
-        rules_changed = self._write_yaml(rules, prometheus_rules([data_tier]), "Prometheus alerting rules")
+        app_tier = _ex.app_tier_rules(
+            memory_alert_fraction=app.MEMORY_ALERT_FRACTION, cpu_alert_cores=app.CPU_ALERT_CORES,
+            error_rate_threshold=app.ERROR_RATE_THRESHOLD, error_rate_window_s=app.ERROR_RATE_WINDOW_S,
+            log_max_bytes=app.LOG_MAX_BYTES, max_backlog=app.MAX_BACKLOG)
+        rules_changed = self._write_yaml(rules, prometheus_rules([data_tier, app_tier]), "Prometheus alerting rules")
         changed["prometheus"] = self._write_yaml(
             self.config("prometheus"),
             prometheus_config(health_url=i.health_url, blackbox_port=i.blackbox_port,

@@ -20,6 +20,8 @@ BASE_PORTS = ("web_port", "pg_port", "redis_port", "ssh_port")
 # Optional in lab.json (older files lack them): chosen on first load and then persisted.
 ALERTING_PORTS = ("blackbox_port", "prometheus_port", "alertmanager_port", "gateway_port",
                   "postgres_exporter_port", "redis_exporter_port", "node_exporter_port")
+# The application tier's other services (lab/app.py); also filled in when lab.json lacks them.
+APP_PORTS = ("upstream_port", "worker_port")
 SOCK_MAX = 100  # unix socket paths are limited to ~108 bytes
 #: When set (the test session sets it), every secret the lab generates carries this marker, so a
 #: scan of everything the runs and logs kept can prove no secret leaked (tests/test_secrets_canary.py).
@@ -38,6 +40,19 @@ def new_secret(nbytes: int = 24) -> str:
     return f"{canary}-{value}"
 
 
+def write_secret_file(path: Path, nbytes: int = 24) -> str:
+    """The secret in ``path`` (mode 0600), created with :func:`new_secret` when missing or empty.
+    Never rewritten once it holds one: containers bind-mount these files."""
+    value = path.read_text().strip() if path.exists() else ""
+    if not value:
+        value = new_secret(nbytes)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)  # no newline: sent verbatim as Bearer credentials
+    os.chmod(path, 0o600)
+    return value
+
+
 class LabInfo(BaseModel):
     lab_dir: Path
     docker_socket: Path
@@ -50,6 +65,7 @@ class LabInfo(BaseModel):
     web_image: str = "lab-web:1.1"
     previous_image: str = "lab-web:1.0"
     broken_image: str = "lab-web:broken"
+    errors_image: str = "lab-web:1.2-errors"  # a release answering 30 % of /api/price with 500
     health_url: str
     root_url: str
     inventory_path: Path
@@ -72,6 +88,18 @@ class LabInfo(BaseModel):
     postgres_exporter_port: int
     redis_exporter_port: int
     node_exporter_port: int
+    # the application tier (lab/app.py): the upstream "prices" API and the queue consumer
+    upstream_port: int
+    worker_port: int
+    upstream_url: str
+    worker_url: str
+    metrics_url: str  # the web service's own /metrics
+    admin_url: str  # base of the web service's admin endpoints
+    app_dir: Path  # secrets/ (admin and chaos tokens), status/ (textfile collector), logs/ (app.log)
+    admin_token_file: Path
+    chaos_token_file: Path
+    app_log_file: Path
+    app_status_dir: Path
 
 
 class LabContext:
@@ -90,6 +118,10 @@ class LabContext:
         self.secrets_dir = d / "secrets"
         self.build_dir = d / "build"
         self.alerting_dir = d / "alerting"
+        self.app_dir = d / "app"
+        self.app_secrets_dir = self.app_dir / "secrets"
+        self.app_status_dir = self.app_dir / "status"
+        self.app_logs_dir = self.app_dir / "logs"
         self.info_path = d / "lab.json"
         self.inventory_path = d / "inventory.yaml"
         self.procs = Procs(self.logs_dir, self.pids_dir, d)
@@ -128,11 +160,11 @@ class LabContext:
             try:
                 old = json.loads(self.info_path.read_text())
                 ports = {k: int(old[k]) for k in BASE_PORTS}
-                ports.update({k: int(old[k]) for k in ALERTING_PORTS if old.get(k)})
+                ports.update({k: int(old[k]) for k in (*ALERTING_PORTS, *APP_PORTS) if old.get(k)})
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise LabError(f"lab: {self.info_path} is unreadable ({exc}); remove it to start afresh") from None
         taken: set[int] = set(ports.values())
-        for k in (*BASE_PORTS, *ALERTING_PORTS):
+        for k in (*BASE_PORTS, *ALERTING_PORTS, *APP_PORTS):
             if k not in ports:
                 ports[k] = free_port(taken)
                 taken.add(ports[k])
@@ -156,6 +188,15 @@ class LabContext:
             alertmanager_url=f"http://127.0.0.1:{ports['alertmanager_port']}",
             blackbox_url=f"http://127.0.0.1:{ports['blackbox_port']}",
             alertmanager_token_file=self.secrets_dir / "alertmanager_token",
+            upstream_url=f"http://127.0.0.1:{ports['upstream_port']}",
+            worker_url=f"http://127.0.0.1:{ports['worker_port']}",
+            metrics_url=f"http://127.0.0.1:{web}/metrics",
+            admin_url=f"http://127.0.0.1:{web}/admin",
+            app_dir=self.app_dir,
+            admin_token_file=self.app_secrets_dir / "admin_token",
+            chaos_token_file=self.app_secrets_dir / "chaos_token",
+            app_log_file=self.app_logs_dir / "app.log",
+            app_status_dir=self.app_status_dir,
             **ports,
         ))
 
@@ -169,6 +210,12 @@ class LabContext:
         self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.secrets_dir, 0o700)
         os.chmod(self.lab_dir, 0o755)
+        for p in (self.app_dir, self.app_status_dir, self.app_logs_dir):
+            p.mkdir(parents=True, exist_ok=True)
+        self.app_secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.app_secrets_dir, 0o700)
+        for token in (self.info.admin_token_file, self.info.chaos_token_file):
+            write_secret_file(token)
         for sock in (self.docker_socket, self.docker_dir / "exec" / "containerd" / "containerd.sock",
                      self.pg_sock / ".s.PGSQL.65535"):
             if len(str(sock)) > SOCK_MAX:

@@ -1,5 +1,5 @@
-"""The lab: real targets on loopback (dockerd + web container, PostgreSQL,
-Redis, sshd), started and stopped by one command.
+"""The lab: real targets on loopback (dockerd + the web, upstream and worker containers,
+PostgreSQL, Redis, sshd, steady client traffic), started and stopped by one command.
 
 Everything lives under ``lab_dir``::
 
@@ -8,6 +8,7 @@ Everything lives under ``lab_dir``::
     logs/<name>.log one log per component
     pids/<name>.pid one pidfile per process the lab started
     docker/ pg/ redis/ ssh/ secrets/ build/
+    app/            the web service's tokens (secrets/), status file (status/) and log (logs/)
     alerting/       configs and data of the optional alerting stack
     disk/           a 64 MiB tmpfs mounted at up, unmounted at down (lab/disk.py: the disk-full drills)
 
@@ -17,7 +18,7 @@ The alerting stack (blackbox exporter, Prometheus, Alertmanager; see lab/alertin
 is started only when asked: ``Lab(lab_dir, alerting=True).up()`` or
 ``lab.up(alerting=True)``; ``down()`` always stops it.
 
-This module is the façade: one component object per system (lab/docker.py, web.py,
+This module is the façade: one component object per system (lab/docker.py, web.py, app.py,
 postgres.py, redis.py, sshd.py, alerting.py) shares one :class:`LabContext` (paths,
 LabInfo, the process helper of lab/proc.py); faults live in lab/faults.py.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from lab import faults as _faults
 from lab.alerting import Alerting
+from lab.app import App
 from lab.context import LabContext, LabInfo
 from lab.disk import Disk
 from lab.docker import Docker
@@ -41,7 +43,7 @@ from lab.web import Web
 
 __all__ = ["Lab", "LabError", "LabInfo", "http_get", "pid_alive"]
 
-COMPONENTS = ("dockerd", "postgres", "redis", "sshd", "web")
+COMPONENTS = ("dockerd", "postgres", "redis", "sshd", "web", "upstream", "worker", "traffic")
 
 
 class Lab:
@@ -53,6 +55,7 @@ class Lab:
         self.inventory_path = ctx.inventory_path
         self.docker = Docker(ctx)
         self.web = Web(ctx, self.docker)
+        self.app = App(ctx, self.docker)
         self.disk = Disk(ctx)
         self.postgres = Postgres(ctx)
         self.redis = Redis(ctx)
@@ -87,7 +90,7 @@ class Lab:
     def pids(self) -> dict[str, int]:
         """PIDs of the lab's processes according to the pidfiles (alive or not)."""
         out = {}
-        for name in ("dockerd", "containerd", "postgres", "redis", "sshd"):
+        for name in ("dockerd", "containerd", "postgres", "redis", "sshd", "traffic"):
             pid = self.read_pid(name) if name != "containerd" else self.docker.containerd_pid()
             if pid:
                 out[name] = pid
@@ -127,10 +130,12 @@ class Lab:
         self.sshd.up()
         self.docker.wait(docker_proc)
         self.docker.ensure_images()
+        self.app.up()  # the upstream and the queue consumer, before the web service that uses them
         # after `down` stopped the container on purpose it is started again; otherwise a dead
         # target is left for its runbook (up does not repair targets)
         stopped_by_down = self._down_marker.exists()
         self.left_down = [w for w in [self.web.up(restart_stopped=stopped_by_down)] if w]
+        self.app.start_traffic()
         self._down_marker.unlink(missing_ok=True)
         self.repaired = [f"{n}: was down; started again by lab up, not by a runbook" for n in was_down]
         self.disk.up()
@@ -143,11 +148,12 @@ class Lab:
 
     def down(self) -> None:
         # the alerting stack first (it would alert on everything below), then fault
-        # holders, then the web container (cleanly), then the daemons
+        # holders and the traffic, then the containers (cleanly), then the daemons
         self.alerting_stack.stop()  # self.alerting stays: a Lab(alerting=True) starts it again at up()
         if self.lab_dir.is_dir():
             self._down_marker.touch()  # the next up() restarts what this stops (not a repair)
         _faults.stop_all_holders(self)
+        self.app.stop_traffic()
         self.docker.stop_labelled_containers()
         self.disk.down()
         for name in ("sshd", "redis", "postgres"):
@@ -161,7 +167,10 @@ class Lab:
             "redis": self.redis.status(),
             "sshd": self.sshd.status(),
         }
-        out["web"] = self.web.status() if out["dockerd"] == "up" else "down (dockerd down)"
+        for name, part in (("web", self.web.status), ("upstream", lambda: self.app.container_status("upstream")),
+                           ("worker", lambda: self.app.container_status("worker"))):
+            out[name] = part() if out["dockerd"] == "up" else "down (dockerd down)"
+        out["traffic"] = self.app.traffic_status()
         out["disk"] = self.disk.status()
         if self.alerting_enabled():
             out.update(self.alerting_status())
@@ -198,6 +207,8 @@ class Lab:
         """Reset each registered fault whose part is not at its baseline or whose holder is
         left; the names reset. When all is at baseline this only costs the health checks."""
         held = set(_faults.held_faults(self))
+        for name in held:  # first: a holder may keep another fault's reset from working (the web port)
+            _faults.stop_holder(self, name)
         done = []
         for name, f in list(_faults.FAULTS.items()):
             if name in held or not f.is_at_baseline(self):  # checked in turn: faults may share a part

@@ -179,10 +179,10 @@ class Docker:
             return out
         log = self.ctx.log("build")
         with open(log, "ab") as f:
-            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} gcc -static labweb.c\n".encode())
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} gcc -static -pthread labweb.c\n".encode())
             f.flush()
             r = subprocess.run(
-                ["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(LABWEB_SOURCE)],
+                ["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out), str(LABWEB_SOURCE)],
                 stdout=f, stderr=subprocess.STDOUT, timeout=120,
             )
         if r.returncode != 0:
@@ -224,7 +224,7 @@ class Docker:
         return buf.getvalue()
 
     def ensure_images(self) -> None:
-        """lab-web:1.0, :1.1 and :broken, re-imported when labweb.c changed."""
+        """lab-web:1.0, :1.1, :broken and :1.2-errors, re-imported when labweb.c changed."""
         import docker.errors
 
         sha = self._source_sha()
@@ -232,6 +232,8 @@ class Docker:
             "1.0": ["ENV LABWEB_VERSION=1.0"],
             "1.1": ["ENV LABWEB_VERSION=1.1"],
             "broken": ["ENV LABWEB_VERSION=1.2", "ENV LABWEB_BROKEN=1"],
+            # a release that answers 30 % of /api/price with 500 (/health stays 200)
+            "1.2-errors": ["ENV LABWEB_VERSION=1.2", "ENV LABWEB_ERROR_PERCENT=30"],
         }
         client = self.client(timeout=120)
         try:

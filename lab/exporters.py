@@ -4,8 +4,11 @@ Debian's real exporters, one process each, on loopback, scraped by the lab's Pro
 every second:
 
     prometheus-postgres-exporter  (role ``monitor``: pg_monitor only; password from a file)
-    prometheus-redis-exporter     (redis_up)
-    prometheus-node-exporter      (filesystem collector only: the lab's disk)
+    prometheus-redis-exporter     (redis_up; -check-keys: the length of the app's job queue)
+    prometheus-node-exporter      (filesystem collector: the lab's disk; textfile collector: the
+                                   web service's status file, labweb_start_failed)
+
+and the application tier's own /metrics (jobs ``web``, ``upstream``, ``worker``: lab/labweb.c).
 
 Rules (``data_tier_rules``), each labelled with the service they hurt so that routes.yaml
 can send them to a runbook, and each with a short ``for`` so that a drill fires in seconds
@@ -15,6 +18,16 @@ can send them to a runbook, and each with a short ``for`` so that a drill fires 
     PostgresLockContention        sessions waiting on a lock held by another session
     RedisDown                     redis_up == 0
     DiskSpaceLow                  free bytes or free fraction of the service's disk too low
+
+and the application tier's (``app_tier_rules``, group ``lab-app-tier``):
+
+    AppMemoryHigh      RSS / the container's memory limit above the threshold
+    AppCpuHigh         CPU use of the web process above the threshold (cores)
+    UpstreamFailing    the web service's circuit breaker to its upstream is open
+    HighErrorRate      share of 5xx answers of the web service above the threshold
+    ServiceWontStart   the last start of the service failed (labweb_start_failed, by reason)
+    LogFileTooLarge    the app log is larger than the inventory's log.max_bytes
+    QueueBacklogHigh   the job queue holds more than the inventory's queue.max_backlog
 
 Thresholds come from the lab's inventory values, so the alert and the runbook agree.
 """
@@ -59,6 +72,11 @@ def _bin(name: str) -> str:
     return shutil.which(name) or f"/usr/bin/{name}"
 
 
+#: The Redis list of the application's jobs (lab/app.py QUEUE_KEY): the redis exporter reports
+#: its length as redis_key_size{key="jobs"}.
+QUEUE_KEY = "jobs"
+
+
 def exporter_specs(info: LabInfo, queries_file: Path) -> list[tuple[str, str, int, str, list[str], dict[str, str]]]:
     """(name, package, port, readiness URL, argv, extra environment) per exporter."""
     assert info.postgres_exporter_port and info.redis_exporter_port and info.node_exporter_port
@@ -78,22 +96,26 @@ def exporter_specs(info: LabInfo, queries_file: Path) -> list[tuple[str, str, in
          f"http://127.0.0.1:{info.redis_exporter_port}/metrics", [
              _bin(REDIS_EXPORTER_BIN), f"-redis.addr=redis://127.0.0.1:{info.redis_port}",
              f"-web.listen-address=127.0.0.1:{info.redis_exporter_port}",
+             f"-check-keys={QUEUE_KEY}",
          ], {}),
         ("node-exporter", NODE_EXPORTER_BIN, info.node_exporter_port,
          f"http://127.0.0.1:{info.node_exporter_port}/metrics", [
              _bin(NODE_EXPORTER_BIN), f"--web.listen-address=127.0.0.1:{info.node_exporter_port}",
              "--collector.disable-defaults", "--collector.filesystem",
+             "--collector.textfile", f"--collector.textfile.directory={info.app_status_dir}",
          ], {}),
     ]
 
 
 def exporter_scrape_configs(info: LabInfo) -> list[dict]:
-    """One scrape job per exporter; the labels name the service the data tier serves."""
+    """One scrape job per exporter and per application process (web, upstream, worker: their
+    own /metrics); the labels name the service they serve."""
     labels = {"service": "web", "environment": "lab"}
     return [
         {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": labels}]}
         for job, port in (("postgres", info.postgres_exporter_port), ("redis", info.redis_exporter_port),
-                          ("node", info.node_exporter_port))
+                          ("node", info.node_exporter_port), ("web", info.web_port),
+                          ("upstream", info.upstream_port), ("worker", info.worker_port))
     ]
 
 
@@ -143,6 +165,60 @@ def data_tier_rules(*, connections_threshold: float, disk_mount: str, min_free_b
         ],
     }
 
+
+def app_tier_rules(*, memory_alert_fraction: float, cpu_alert_cores: float, error_rate_threshold: float,
+                   error_rate_window_s: int, log_max_bytes: int, max_backlog: int) -> dict:
+    """The application tier's alert group (Prometheus rule file format)."""
+    w = f"{error_rate_window_s}s"
+    return {
+        "name": "lab-app-tier",
+        "rules": [
+            _rule("AppMemoryHigh",
+                  'max by (service) (process_resident_memory_bytes{job="web"} / labweb_memory_limit_bytes{job="web"})'
+                  f" > {memory_alert_fraction}", "2s",
+                  "Memory of {{ $labels.service }} near its limit",
+                  "Resident memory is {{ $value | humanizePercentage }} of the container's limit (threshold "
+                  f"{memory_alert_fraction:.0%}); scenario memory-cpu."),
+            _rule("AppCpuHigh",
+                  f'max by (service) (rate(process_cpu_seconds_total{{job="web"}}[{w}])) > {cpu_alert_cores}', "3s",
+                  "CPU of {{ $labels.service }} high",
+                  "The service's process uses {{ $value | humanize }} cores (threshold "
+                  f"{cpu_alert_cores}); scenario memory-cpu."),
+            _rule("UpstreamFailing", 'max by (service) (labweb_circuit_breaker_open{job="web"}) == 1', "1s",
+                  "Upstream of {{ $labels.service }} failing",
+                  "The circuit breaker to the service's upstream is open: its calls keep failing; scenario "
+                  "upstream-outage."),
+            _rule("HighErrorRate",
+                  f'sum by (service) (rate(labweb_http_requests_total{{job="web",code=~"5.."}}[{w}])) / '
+                  f'sum by (service) (rate(labweb_http_requests_total{{job="web"}}[{w}])) > {error_rate_threshold}',
+                  "3s", "Error rate of {{ $labels.service }} high",
+                  "{{ $value | humanizePercentage }} of requests answer 5xx (threshold "
+                  f"{error_rate_threshold:.0%}); scenario bad-deploy: roll back."),
+            # a broken release is service-down's (its fix is a rollback, not a cause to clear)
+            _rule("ServiceWontStart", f"max by (service, reason) (labweb_start_failed{{{WONT_START}}}) > 0", "0s",
+                  "{{ $labels.service }} does not start ({{ $labels.reason }})",
+                  "The last start of the service failed: {{ $labels.reason }}; scenario "
+                  "app-wont-start."),
+            _rule("LogFileTooLarge", f'max by (service) (labweb_log_file_bytes{{job="web"}}) > {log_max_bytes}',
+                  "1s", "Log file of {{ $labels.service }} too large",
+                  "The app log holds {{ $value | humanize1024 }}B (limit "
+                  f"{log_max_bytes} bytes); scenario logs-backlog: rotate it."),
+            _rule("QueueBacklogHigh", f'max by (service) (redis_key_size{{key="{QUEUE_KEY}"}}) > {max_backlog}',
+                  "2s", "Job queue of {{ $labels.service }} backs up",
+                  "{{ $value }} jobs wait in '" + QUEUE_KEY + f"' (limit {max_backlog}); scenario logs-backlog: "
+                  "restart the consumer."),
+        ],
+    }
+
+
+#: Alertmanager inhibitions of the application tier (source alert, target alert; equal: service):
+#: errors caused by a failing upstream are the upstream's incident, and a service that does not
+#: start is one incident (why it won't start), not also a "down" one.
+APP_INHIBITIONS = (("UpstreamFailing", "HighErrorRate"), ("ServiceWontStart", "ServiceDown"))
+
+#: The start failures app-wont-start handles (label matcher on labweb_start_failed): a broken
+#: release also fails at start, but its fix is a rollback, which service-down does.
+WONT_START = 'reason!="broken_release"'
 
 #: A service down because a dependency is down is the dependency's incident: Alertmanager
 #: inhibits ServiceDown for the same service while one of these fires, so one outage opens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lab.app import app_inventory
 from lab.context import LabInfo
 from lab.postgres import LAB_CONNECTIONS_THRESHOLD, LAB_MAX_IDLE_S, RUNBOOKS_ROLE, runbooks_password_file
 from lab.disk import disk_inventory
@@ -36,6 +37,8 @@ def inventory_dict(i: LabInfo) -> dict:
             "database": "lab", "redis": "lab", "stateless": True, "severity_down": "P0",
             # the disk-full runbook: the lab's 64 MiB tmpfs (lab/disk.py; thresholds scaled)
             "disk": disk_inventory(i.lab_dir),
+            # the application runbooks: metrics, admin endpoints, upstream, log, queue (lab/app.py)
+            "app": app_inventory(i),
         }},
     }
 

@@ -55,6 +55,7 @@ class ContainerState(BaseModel):
     oom_killed: bool
     restart_count: int
     started_at: datetime | None
+    created_at: datetime | None = None  # when the container was created (a deploy recreates it)
     finished_at: datetime | None
     error: str | None
     previous_image: str | None
@@ -89,13 +90,15 @@ def docker_client(host: DockerHost) -> docker.DockerClient:
     return client
 
 
-def _require_docker(target: Target) -> tuple[DockerHost, str]:
-    if target.docker is None or not target.service.container:
+def _require_docker(target: Target, container: str | None = None) -> tuple[DockerHost, str]:
+    """The service's Docker host and ``container`` (default: the service's own container)."""
+    name = container or target.service.container
+    if target.docker is None or not name:
         raise ConfigurationError(
             target.name, "no container/docker_host in the inventory", "a containerised service",
             "add container and docker_host to the service in the inventory",
         )
-    return target.docker, target.service.container
+    return target.docker, name
 
 
 def _get_container(client: docker.DockerClient, name: str, host: DockerHost) -> Container:
@@ -144,6 +147,7 @@ def _state_of(container: Container) -> ContainerState:
         oom_killed=bool(state.get("OOMKilled")),
         restart_count=int(container.attrs.get("RestartCount", 0)),
         started_at=_parse_time(state.get("StartedAt")),
+        created_at=_parse_time(container.attrs.get("Created")),
         finished_at=_parse_time(state.get("FinishedAt")),
         error=state.get("Error") or None,
         previous_image=(container.labels or {}).get(PREVIOUS_IMAGE_LABEL),
@@ -152,18 +156,20 @@ def _state_of(container: Container) -> ContainerState:
 
 
 @read_only_task
-def inspect_container(target: Target) -> ContainerState:
-    """Runbook: `docker-compose ps` / `systemctl status`: state, exit code, OOM, restarts."""
-    host, name = _require_docker(target)
+def inspect_container(target: Target, container: str | None = None) -> ContainerState:
+    """Runbook: `docker-compose ps` / `systemctl status`: state, exit code, OOM, restarts.
+    ``container``: another container on the service's docker_host (default: the service's)."""
+    host, name = _require_docker(target, container)
     return _state_of(_get_container(docker_client(host), name, host))
 
 
 @read_only_task
-def read_container_logs(target: Target, lines: int = 50) -> list[str]:
-    """Runbook: `docker-compose logs` / `journalctl -n`: the last log lines."""
-    host, name = _require_docker(target)
-    container = _get_container(docker_client(host), name, host)
-    raw = container.logs(tail=lines, stdout=True, stderr=True, timestamps=False)
+def read_container_logs(target: Target, lines: int = 50, container: str | None = None) -> list[str]:
+    """Runbook: `docker-compose logs` / `journalctl -n`: the last log lines.
+    ``container``: another container on the service's docker_host (default: the service's)."""
+    host, name = _require_docker(target, container)
+    found = _get_container(docker_client(host), name, host)
+    raw = found.logs(tail=lines, stdout=True, stderr=True, timestamps=False)
     return raw.decode("utf-8", errors="replace").splitlines()[-lines:]
 
 
@@ -195,23 +201,41 @@ def wait_until_started(target: Target, deadline_s: float = 30.0, interval_s: flo
 
 
 @changing_task
-def restart_container(target: Target, stop_timeout_s: int = 10) -> ActionResult:
-    """Runbook: `docker-compose restart <service>`. Says "already fine" if running and healthy."""
-    host, name = _require_docker(target)
-    container = _get_container(docker_client(host), name, host)
-    before = _state_of(container)
-    if before.running and check_health(target.service.health_url).healthy:
+def restart_container(target: Target, stop_timeout_s: int = 10, container: str | None = None,
+                      expected_started_at: datetime | None = None) -> ActionResult:
+    """Runbook: `docker-compose restart <service>`. Says "already fine" if running and healthy.
+
+    ``container``: another container on the service's docker_host (e.g. its queue consumer;
+    default: the service's own). The service's health URL says nothing about another
+    container, so that one is restarted whatever it shows: its caller judged it by what it
+    serves (e.g. the queue's backlog, re-read just before).
+
+    ``expected_started_at``: the start time of the container the approved plan restarts, for a
+    problem its health check does not show (a memory leak, a spinning thread): the container is
+    restarted healthy or not, unless it started after that time (someone restarted it since the
+    diagnosis: "already done")."""
+    host, name = _require_docker(target, container)
+    own = name == target.service.container
+    found = _get_container(docker_client(host), name, host)
+    before = _state_of(found)
+    if expected_started_at is not None:
+        if before.running and before.started_at is not None and before.started_at > expected_started_at:
+            return ActionResult(action="restart_container", target=name, changed=False,
+                                detail=f"already done: it started again at {before.started_at:%H:%M:%S} UTC, "
+                                       f"after the diagnosis (which saw it started at "
+                                       f"{expected_started_at:%H:%M:%S} UTC); {before.describe()}")
+    elif own and before.running and check_health(target.service.health_url).healthy:
         return ActionResult(action="restart_container", target=name, changed=False,
                             detail=f"already fine: {before.describe()} and healthy")
     get_run_logger().info("Restarting %s (%s)", name, before.describe())
     try:
-        container.restart(timeout=stop_timeout_s)
+        found.restart(timeout=stop_timeout_s)
     except docker.errors.APIError as exc:
         raise ActionFailedError(
             name, f"docker restart failed: {exc.explanation or exc}", "the container to restart",
             "inspect the container with `docker inspect` and its logs",
         ) from None
-    after = _state_of(container)
+    after = _state_of(found)
     return ActionResult(action="restart_container", target=name, changed=True,
                         detail=f"restarted; now {after.describe()}")
 

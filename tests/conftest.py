@@ -100,10 +100,13 @@ def healthy_web(lab):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The secrets canary's tests run last, in their own order: the scan sees the whole session."""
+    """Tests of the whole alert pipeline (``alert_pipeline``) run together near the end, so its
+    stack starts once and scrapes nothing during the other tests; the secrets canary's tests run
+    last, in their own order: the scan sees the whole session."""
     canary = [item for item in items if item.path.name == CANARY_MODULE]
-    if canary:
-        items[:] = [item for item in items if item.path.name != CANARY_MODULE] + canary
+    rest = [item for item in items if item.path.name != CANARY_MODULE]
+    piped = [item for item in rest if "alert_pipeline" in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in rest if item not in piped] + piped + canary
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -134,6 +137,45 @@ def gateway(deployed, lab, state_dir: Path):
 
     with serving(settings) as url:
         yield settings, url
+
+
+@pytest.fixture(scope="session")
+def alert_pipeline(deployed, lab, state_dir: Path):
+    """The real alert path, started once: the lab's alerting stack (exporters, Prometheus,
+    Alertmanager) and an alert gateway (runner dispatch) that only Alertmanager may post to.
+    Yields ``(lab, store)``: the gateway's alert store shows what arrived and which run it started.
+    Tests that use it are ordered to run together at the end of the session."""
+    from gateway.__main__ import serving
+    from gateway.models import SOURCES
+    from gateway.settings import GatewaySettings
+    from gateway.store import AlertStore
+
+    lab.up(alerting=True)
+    token = lab.info.alertmanager_token_file.read_text().strip()
+    settings = GatewaySettings(port=lab.info.gateway_port, store=state_dir / "gateway" / "pipeline.db",
+                               alertmanager_bearer_token=token,  # only Alertmanager posts here
+                               insecure_sources=[s for s in SOURCES if s != "alertmanager"])
+    store = AlertStore(settings.store_path)
+    try:
+        with serving(settings):
+            yield lab, store
+    finally:
+        store.close()
+        lab.down_alerting()
+
+
+@pytest.fixture
+def quiet_pipeline(alert_pipeline, healthy_lab):
+    """The alert pipeline with a healthy lab and no incident left open by an earlier test (its
+    late alerts are its own)."""
+    import time
+
+    lab, store = alert_pipeline
+    by = time.monotonic() + 60
+    while open_ := store.open_incidents():
+        assert time.monotonic() < by, f"incidents still open from an earlier test: {open_}"
+        time.sleep(0.5)
+    return lab, store
 
 
 @pytest.fixture(scope="session")

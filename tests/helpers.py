@@ -115,3 +115,34 @@ def start_flow(flow: Any, **params: Any) -> tuple[FlowThread, str]:
     thread = FlowThread(flow, incident_id=incident_id, **params)
     thread.start()
     return thread, incident_id
+
+
+def alert_ids(store: Any) -> set[int]:
+    """The ids of the alerts the gateway's store has seen so far (``since`` for the next call)."""
+    return {r["id"] for r in store.recent_alerts(1000)}
+
+
+def wait_for_alert_incident(store: Any, scenario: str, since: set[int], timeout_s: float = 90.0) -> dict:
+    """The first alert (not in ``since``) that opened an incident of ``scenario`` and started its
+    run: the gateway store's row (``incident_id``, ``flow_run_id``, ``source``, ``scenario`` ...)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for row in store.recent_alerts(200):
+            if (row["id"] not in since and row["disposition"] == "opened" and row.get("flow_run_id")
+                    and (row["scenario"] or "").split("/")[0] == scenario):
+                return row
+        time.sleep(0.25)
+    seen = [(r["source"], r["disposition"], r["scenario"]) for r in store.recent_alerts(20) if r["id"] not in since]
+    raise AssertionError(f"no alert opened a {scenario} incident within {timeout_s:.0f}s; arrived: {seen}")
+
+
+def wait_run_final(run_id: Any, timeout_s: float = 180.0) -> Any:
+    """The flow run once it reached a final state (Completed, Failed, Crashed, Cancelled)."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not end within {timeout_s:.0f}s")

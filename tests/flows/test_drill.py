@@ -2,7 +2,7 @@
 it -> Prometheus fires -> Alertmanager -> the alert gateway -> the scenario's run -> healed ->
 the resolve on the record; the drill grades it and publishes its report.
 
-Each healing fault that has an alert rule is drilled once (policy mode); one fault is drilled
+Each scenario's drill (policies/drills.yaml) runs once (policy mode); one fault is drilled
 in game-day mode (a person approves in the UI); a drill whose remediation is broken on purpose
 (the kill switch on) reports fail, and the lab is reset either way.
 """
@@ -22,10 +22,6 @@ from prefect.flow_runs import resume_flow_run
 from prefect.states import State
 
 from flows.drill import drill
-from gateway.__main__ import serving
-from gateway.models import SOURCES
-from gateway.settings import GatewaySettings
-from gateway.store import AlertStore
 from incident.drills import drill_on, load_drills
 from incident.guardrails import KILL_SWITCH
 from incident.record import load_record
@@ -34,39 +30,15 @@ from tests.helpers import run_tags, wait_paused
 
 pytestmark = pytest.mark.lab
 
-HEALING = [f for f in FAULTS.values() if f.alert and f.heals]
 GAME_DAY = "web-broken-release"  # its rollback needs a person: drilled in game-day mode
-#: the busy blocker fires the same alert as the idle one, and its flow is tested on its own
-#: (tests/flows/test_db_locks.py, the fault matrix)
-SAME_PATH = "pg-lock-blocker-busy"
-POLICY_MODE = [f for f in HEALING if f.name not in (GAME_DAY, SAME_PATH)]
-
-
-@pytest.fixture(scope="module")
-def pipeline(deployed, lab, state_dir):
-    lab.up(alerting=True)
-    token = lab.info.alertmanager_token_file.read_text().strip()
-    settings = GatewaySettings(port=lab.info.gateway_port, store=state_dir / "gateway" / "drills.db",
-                               alertmanager_bearer_token=token,  # only Alertmanager posts here
-                               insecure_sources=[s for s in SOURCES if s != "alertmanager"])
-    store = AlertStore(settings.store_path)
-    try:
-        with serving(settings):
-            yield lab, store
-    finally:
-        store.close()
-        lab.down_alerting()
+#: each scenario's own drill (policies/drills.yaml), as its monthly deployment runs it; the other
+#: faults of a scenario are healed from their real alerts in the scenario's own tests
+POLICY_MODE = [FAULTS[spec.fault] for spec in load_drills().drills.values()]
 
 
 @pytest.fixture
-def quiet(pipeline, healthy_lab):
-    """An earlier case's late alerts are its own: start from a gateway with no open incident."""
-    lab, store = pipeline
-    by = time.monotonic() + 60
-    while open_ := store.open_incidents():
-        assert time.monotonic() < by, f"incidents still open from an earlier case: {open_}"
-        time.sleep(0.5)
-    return lab, store
+def quiet(quiet_pipeline):
+    return quiet_pipeline
 
 
 def run_drill(deployment: str, **params) -> tuple[State, UUID]:

@@ -77,3 +77,65 @@ def test_errors_name_target_observation_expectation_and_next_step():
     assert str(err) == "[web] observed: observed thing; expected: expected thing. Next step: do this"
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is UnknownTargetError and str(again) == str(err)
+
+
+# --------------------------------------------------------------------------- the app section
+
+APP = {
+    "metrics_url": "http://127.0.0.1:1/metrics",
+    "admin_url": "http://127.0.0.1:1/admin",
+    "admin_token": "env:TEST_ADMIN_TOKEN",
+    "upstream": {"name": "prices", "health_url": "http://127.0.0.1:3/health", "probe_url": "http://127.0.0.1:3/price"},
+    "log": {"path": "/var/log/app/app.log"},
+    "queue": {"redis": "cache", "key": "jobs", "consumer_container": "worker"},
+}
+
+
+def _with_app(app: dict | None = None, **service) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(INVENTORY))
+    data["redis"] = {"cache": {"host": "127.0.0.1", "port": 6380}, "sessions": {"host": "127.0.0.1", "port": 6381}}
+    data["ssh_hosts"] = {"h": {"hostname": "127.0.0.1", "username": "root", "key_file": "/k", "known_hosts": "/kh"}}
+    data["services"]["web"].update({"app": app or APP, "ssh_host": "h", "redis": "sessions", **service})
+    return data
+
+
+def test_app_section_resolves_with_defaults_and_the_queue_redis(tmp_path):
+    target = load_inventory(_write(tmp_path, _with_app())).target("web")
+    app = target.service.app
+    assert app is not None and app.upstream is not None and app.log is not None and app.queue is not None
+    assert isinstance(app.admin_token, SecretRef) and str(app.admin_token) == "env:TEST_ADMIN_TOKEN"
+    assert app.upstream.timeout_s == 2.0
+    assert (app.log.max_bytes, app.log.keep) == (100 * 1024**2, 5)
+    assert (app.queue.max_backlog, app.queue.min_drain_per_s) == (1000, 1.0)
+    assert (app.memory_alert_fraction, app.memory_baseline_fraction, app.cpu_alert_cores) == (0.8, 0.5, 0.8)
+    assert (app.error_rate_threshold, app.error_rate_window_s, app.upstream_deadline_s) == (0.05, 300, 1800)
+    assert app.prometheus_url is None and app.required_settings == [] and app.start_dependencies == []
+    # the queue's Redis is resolved on its own: not the service's `redis`
+    assert target.app_redis is not None and target.app_redis.port == 6380
+    assert target.redis is not None and target.redis.port == 6381
+    assert load_inventory(_write(tmp_path, INVENTORY)).target("web").app_redis is None
+
+
+def test_app_queue_must_name_a_defined_redis(tmp_path):
+    bad = _with_app({**APP, "queue": {**APP["queue"], "redis": "missing"}})
+    with pytest.raises(ConfigurationError, match="redis.missing"):
+        load_inventory(_write(tmp_path, bad))
+
+
+def test_app_queue_and_log_need_the_hosts_that_reach_them(tmp_path):
+    no_docker = _with_app()
+    del no_docker["services"]["web"]["container"], no_docker["services"]["web"]["docker_host"]
+    with pytest.raises(ConfigurationError, match="docker_host"):
+        load_inventory(_write(tmp_path, no_docker))
+    no_ssh = _with_app()
+    del no_ssh["services"]["web"]["ssh_host"]
+    with pytest.raises(ConfigurationError, match="ssh_host"):
+        load_inventory(_write(tmp_path, no_ssh))
+
+
+def test_app_admin_token_is_a_reference_never_a_value(tmp_path):
+    with pytest.raises(ConfigurationError) as err:
+        load_inventory(_write(tmp_path, _with_app({**APP, "admin_token": "hunter2-token"})))
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigurationError, match="nope"):
+        load_inventory(_write(tmp_path, _with_app({**APP, "nope": 1})))

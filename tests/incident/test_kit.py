@@ -8,11 +8,14 @@ import logging
 from pathlib import Path
 
 import pytest
+from prefect.runtime import flow_run as current_run
 from prefect.states import State
 
 from incident.approval import ActionPlan
+from incident.guardrails import GuardrailRules, LockRules
 from incident.inventory import Service, Target
-from incident.kit import change, escalate_and_fail, runbook_flow
+from incident.kit import change, escalate_and_fail, runbook_flow, take_target_lock
+from incident.locks import TargetLock
 from incident.record import open_incident
 from tasks.common import ActionResult, changing_task
 from tests.helpers import escalations, new_incident_id, report
@@ -89,3 +92,60 @@ def test_a_step_that_dies_half_way_is_named_as_unknown(prefect_api, tmp_path, ev
     assert "starting touch_then_break on probe" in text, "the step was not recorded before it ran"
     assert "touch_then_break on probe was started and did not report back" in text
     assert "its effect is unknown" in text
+
+
+# -- a subflow on its parent's target runs under the parent's lock ---------------------------------
+LOCKED = Target(name="kit-subflow-probe", service=PROBE.service)
+NO_WAIT = GuardrailRules(lock=LockRules(wait_s=0, lease_s=60, poll_s=0.5))
+#: what the probe parent saw while it ran (a flow's return value is its state)
+SEEN: dict[str, object] = {}
+
+
+def _lock_is_free() -> bool:
+    """Take and give back the probe target's lock at once, as an unrelated run would."""
+    other = TargetLock(LOCKED.name, None, NO_WAIT.lock)
+    if other.acquire(lambda holder: None) is None:
+        return False
+    other.release()
+    return True
+
+
+@runbook_flow("kit-probe-child")
+def kit_child(incident_id: str) -> State:
+    incident = open_incident("kit-probe-child", LOCKED, None, incident_id, dry_run=False)
+    take_target_lock(incident, LOCKED, NO_WAIT, current_run.get_id())  # wait_s 0: fails if it waits
+    return incident.close("resolved", "ran under its parent's lock")
+
+
+@runbook_flow("kit-probe-parent")
+def kit_parent(incident_id: str, child_id: str) -> State:
+    incident = open_incident("kit-probe-parent", LOCKED, None, incident_id, dry_run=False)
+    take_target_lock(incident, LOCKED, NO_WAIT, current_run.get_id())
+    SEEN["child"] = kit_child(incident_id=child_id, return_state=True)
+    SEEN["free after the child"] = _lock_is_free()
+    return incident.close("resolved", "the child ran")
+
+
+def test_a_subflow_on_the_same_target_runs_under_its_parents_lock(prefect_api):
+    parent_id, child_id = new_incident_id(), new_incident_id()
+    state = kit_parent(incident_id=parent_id, child_id=child_id, return_state=True)
+
+    assert state.is_completed(), state.message
+    child = SEEN["child"]
+    assert isinstance(child, State) and child.is_completed(), child
+    assert "runs under the lock on kit-subflow-probe held by the run that called it" in report(child_id)
+    assert "took the lock on kit-subflow-probe" in report(parent_id)
+    assert SEEN["free after the child"] is False, "the child gave back its parent's lock"
+    assert _lock_is_free(), "the lock must be free once the parent ended"
+
+
+def test_a_run_that_is_no_subflow_of_the_holder_still_waits(prefect_api):
+    holder = TargetLock(LOCKED.name, None, NO_WAIT.lock)
+    assert holder.acquire(lambda who: None) is not None
+    try:
+        incident_id = new_incident_id()
+        state = kit_child(incident_id=incident_id, return_state=True)
+        assert state.is_failed(), "a run beside the holder must not run under its lock"
+        assert "the lock on kit-subflow-probe stayed busy" in report(incident_id)
+    finally:
+        holder.release()

@@ -9,14 +9,19 @@ the other lab tests see the lab as the fixture made it (lab.down() would stop it
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lab import http_get, pid_alive
+from lab import app, exporters, http_get, pid_alive
+from lab.alerting import alertmanager_config, prometheus_rules
+from lab.proc import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -181,6 +186,79 @@ def test_kill_web_fires_then_reset_resolves(alerting, healthy_web):
     assert resolved["headers"].get("Authorization") == f"Bearer {token}"
     print(f"\nalerting: up {lab.up_seconds_alerting:.1f}s, kill->firing {fire_s:.1f}s, "
           f"reset->resolved {resolve_s:.1f}s")
+
+
+APP_ALERTS = {"AppMemoryHigh", "AppCpuHigh", "UpstreamFailing", "HighErrorRate", "ServiceWontStart",
+              "LogFileTooLarge", "QueueBacklogHigh"}
+
+
+def _app_rules() -> dict:
+    return exporters.app_tier_rules(
+        memory_alert_fraction=app.MEMORY_ALERT_FRACTION, cpu_alert_cores=app.CPU_ALERT_CORES,
+        error_rate_threshold=app.ERROR_RATE_THRESHOLD, error_rate_window_s=app.ERROR_RATE_WINDOW_S,
+        log_max_bytes=app.LOG_MAX_BYTES, max_backlog=app.MAX_BACKLOG)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_app_tier_rules_pass_promtool_with_the_inventory_thresholds(tmp_path):
+    rules = prometheus_rules([_app_rules()])
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    r = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    group = next(g for g in rules["groups"] if g["name"] == "lab-app-tier")
+    by_name = {rule["alert"]: rule for rule in group["rules"]}
+    assert set(by_name) == APP_ALERTS
+    for rule in by_name.values():
+        assert rule["labels"] == {"severity": "critical", "service": "{{ $labels.service }}"}
+    # thresholds are the lab inventory's values (lab/app.py), as the runbooks read them
+    assert by_name["LogFileTooLarge"]["expr"].endswith(f"> {app.LOG_MAX_BYTES}")
+    assert by_name["QueueBacklogHigh"]["expr"] == 'max by (service) (redis_key_size{key="jobs"}) > 50'
+    assert by_name["AppCpuHigh"]["expr"] == 'max by (service) (rate(process_cpu_seconds_total{job="web"}[5s])) > 0.3'
+    assert by_name["ServiceWontStart"]["expr"] == "max by (service, reason) (labweb_start_failed) > 0"
+    down = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "ServiceDown")
+    assert down["expr"] == 'probe_success{job="blackbox"} == 0 unless on (service) (labweb_start_failed > 0)'
+
+
+def test_app_tier_inhibitions_and_scrape_jobs(lab):
+    inhibit = alertmanager_config(gateway_url="http://127.0.0.1:1", token_file=Path("/t"))["inhibit_rules"]
+    pairs = {(r["source_matchers"][0], r["target_matchers"][0]) for r in inhibit}
+    assert ('alertname="UpstreamFailing"', 'alertname="HighErrorRate"') in pairs
+    assert ('alertname="ServiceWontStart"', 'alertname="ServiceDown"') in pairs
+    assert all(r["equal"] == ["service"] for r in inhibit)
+    i = lab.info
+    jobs = {j["job_name"]: j["static_configs"][0] for j in exporters.exporter_scrape_configs(i)}
+    for job, port in (("web", i.web_port), ("upstream", i.upstream_port), ("worker", i.worker_port)):
+        assert jobs[job] == {"targets": [f"127.0.0.1:{port}"], "labels": {"service": "web", "environment": "lab"}}
+    argv = {name: args for name, _, _, _, args, _ in exporters.exporter_specs(i, Path("/q"))}
+    assert "-check-keys=jobs" in argv["redis-exporter"]
+    assert f"--collector.textfile.directory={i.app_status_dir}" in argv["node-exporter"]
+
+
+def _alerts(lab) -> list[dict]:
+    code, body = http_get(f"{lab.info.prometheus_url}/api/v1/alerts", timeout=3)
+    assert code == 200, body
+    return json.loads(body)["data"]["alerts"]
+
+
+def test_a_start_failure_fires_service_wont_start_not_service_down(alerting):
+    """The status file the failed start writes reaches Prometheus through the node exporter's
+    textfile collector: ServiceWontStart fires with the reason, and ServiceDown stays quiet."""
+    lab, _ = alerting
+    lab.reset_all_faults()
+    lab.inject("web-missing-setting")
+    try:
+        def fired() -> dict | None:
+            return next((a for a in _alerts(lab) if a["labels"]["alertname"] == "ServiceWontStart"
+                         and a["state"] == "firing"), None)
+
+        assert wait_until(lambda: fired() is not None, 30, 0.5), _alerts(lab)
+        alert = fired()
+        assert alert is not None
+        assert alert["labels"]["reason"] == "missing_setting" and alert["labels"]["service"] == "web"
+        assert not [a for a in _alerts(lab) if a["labels"]["alertname"] == "ServiceDown" and a["state"] == "firing"]
+    finally:
+        lab.reset_fault("web-missing-setting")
 
 
 def test_down_stops_alerting(alerting):

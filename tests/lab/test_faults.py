@@ -37,6 +37,28 @@ def test_the_web_faults_are_registered_with_their_metadata():
         assert f.description
 
 
+#: the application tier's faults (SPEC: name -> scenario, alert, heals)
+APP_FAULTS = {
+    "web-memory-leak": ("memory-cpu", "AppMemoryHigh", True),
+    "web-cpu-spin": ("memory-cpu", "AppCpuHigh", True),
+    "upstream-down": ("upstream-outage", "UpstreamFailing", True),
+    "upstream-rate-limited": ("upstream-outage", "UpstreamFailing", True),
+    "upstream-down-for-good": ("upstream-outage", "UpstreamFailing", False),
+    "web-error-release": ("bad-deploy", "HighErrorRate", True),
+    "web-port-held": ("app-wont-start", "ServiceWontStart", True),
+    "web-missing-setting": ("app-wont-start", "ServiceWontStart", False),
+    "web-dependency-down": ("app-wont-start", None, True),
+    "app-log-flood": ("logs-backlog", "LogFileTooLarge", True),
+    "queue-consumer-stuck": ("logs-backlog", "QueueBacklogHigh", True),
+}
+
+
+def test_the_app_tier_faults_are_registered_with_their_metadata():
+    got = {n: (f.scenario, f.alert, f.heals) for n, f in faults.FAULTS.items() if n in APP_FAULTS}
+    assert got == APP_FAULTS
+    assert all(faults.FAULTS[n].description for n in APP_FAULTS)
+
+
 @pytest.mark.parametrize("name", REGISTERED)
 def test_inject_breaks_and_reset_heals(healthy_lab, name):
     lab = healthy_lab
@@ -46,10 +68,29 @@ def test_inject_breaks_and_reset_heals(healthy_lab, name):
         assert not lab.fault_healthy(name)
         if faults.FAULTS[name].alert == "ServiceDown":  # what the blackbox probe would see
             assert http_get(lab.info.health_url, timeout=2)[0] != 200
+        if faults.FAULTS[name].scenario == "app-wont-start":  # what the node exporter reports
+            assert lab.web.start_failure() in ("port_in_use", "missing_setting", "dependency_down")
     finally:
         lab.reset_fault(name)
     assert lab.fault_healthy(name)
+    assert faults.FAULTS[name].is_at_baseline(lab)
     assert http_get(lab.info.health_url)[0] == 200
+
+
+def test_chaos_and_admin_endpoints_take_only_their_own_token(lab):
+    """The faults break the service with the chaos token; the admin token (the runbooks')
+    cannot, and the chaos token cannot drive the admin endpoints."""
+    from lab.app import call
+
+    i = lab.info
+    assert call("POST", f"{i.admin_url}/chaos?off=1", i.admin_token_file)[0] == 401
+    assert call("POST", f"{i.admin_url}/chaos?off=1")[0] == 401
+    assert call("GET", f"{i.admin_url}/status", i.chaos_token_file)[0] == 401
+    assert call("POST", f"{i.upstream_url}/admin/mode?set=ok", i.admin_token_file)[0] == 401
+    assert call("POST", f"{i.worker_url}/admin/chaos?stall=0", i.admin_token_file)[0] == 401
+    assert call("POST", f"{i.admin_url}/chaos?off=1", i.chaos_token_file)[0] == 200
+    code, body = call("GET", f"{i.admin_url}/status", i.admin_token_file)
+    assert code == 200 and json.loads(body)["breaker"] == "closed"
 
 
 def test_broken_release_is_not_healed_by_a_restart(healthy_lab):
@@ -70,9 +111,7 @@ def test_a_rollback_heals_the_outage_but_is_not_the_baseline(healthy_lab):
     client.containers.get(lab.info.container_name).remove(force=True)
     client.containers.run(lab.info.previous_image, name=lab.info.container_name, detach=True,
                           network_mode="host", labels={"runbooks.service": "web"},
-                          environment={"LABWEB_PORT": str(lab.info.web_port),
-                                       "LABWEB_PG": f"127.0.0.1:{lab.info.pg_port}",
-                                       "LABWEB_REDIS": f"127.0.0.1:{lab.info.redis_port}"})
+                          environment=lab.web.env(), volumes=lab.web.volumes())
     assert wait_until(lambda: http_get(lab.info.health_url, 2)[0] == 200, 20, 0.2)
     assert lab.fault_healthy("web-killed"), "a rollback heals the outage"
     assert not faults.FAULTS["web-killed"].is_at_baseline(lab)  # runs lab-web:1.0, not the current release

@@ -38,8 +38,8 @@ def wait_for(pred, timeout=20.0, interval=0.2):
 
 def test_status_all_up(lab):
     st = lab.status()
-    assert {k: st.get(k) for k in ("dockerd", "postgres", "redis", "sshd", "web")} == {
-        "dockerd": "up", "postgres": "up", "redis": "up", "sshd": "up", "web": "up"}
+    parts = ("dockerd", "postgres", "redis", "sshd", "web", "upstream", "worker", "traffic")
+    assert {k: st.get(k) for k in parts} == dict.fromkeys(parts, "up")
     assert all(v == "up" for v in st.values()), st  # and any part added since
 
 
@@ -60,6 +60,18 @@ def test_inventory_valid(lab):
     assert t.docker.base_url == f"unix://{lab.info.docker_socket}"
     assert t.database.password.resolve().get_secret_value() == lab.info.pg_password_file.read_text().strip()
     assert t.redis.port == lab.info.redis_port and t.ssh.port == lab.info.ssh_port
+    app = t.service.app
+    assert app.admin_token.resolve().get_secret_value() == lab.info.admin_token_file.read_text().strip()
+    assert app.prometheus_url == lab.info.prometheus_url and app.metrics_url == lab.info.metrics_url
+    assert http_get(app.metrics_url)[0] == 200 and http_get(app.upstream.health_url)[0] == 200
+    assert app.upstream.name == "prices" and app.upstream.probe_url == f"{lab.info.upstream_url}/price"
+    assert (app.log.path, app.log.max_bytes, app.log.keep) == (str(lab.lab_dir / "app/logs/app.log"), 4 << 20, 3)
+    assert (app.queue.redis, app.queue.key, app.queue.consumer_container) == ("lab", "jobs", "lab-worker")
+    assert (app.queue.max_backlog, app.queue.min_drain_per_s) == (50, 1.0)
+    assert (app.cpu_alert_cores, app.error_rate_window_s, app.upstream_deadline_s) == (0.3, 5, 30)
+    assert app.required_settings == ["LABWEB_UPSTREAM", "LABWEB_PG", "LABWEB_REDIS"]
+    assert app.start_dependencies == ["redis"]
+    assert t.app_redis == t.redis
 
 
 def test_container_labels(lab):
@@ -68,6 +80,49 @@ def test_container_labels(lab):
     assert c.labels["runbooks.previous-image"] == "lab-web:1.0"
     assert c.labels["runbooks.service"] == "web"
     assert c.attrs["HostConfig"]["NetworkMode"] == "host"
+
+
+def test_app_containers_limits_mounts_and_secrets(lab):
+    client = lab.docker_client()
+    web = client.containers.get(lab.info.container_name)
+    host = web.attrs["HostConfig"]
+    assert (host["Memory"], host["MemorySwap"], host["NanoCpus"]) == (64 << 20, 64 << 20, 500_000_000)
+    mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in web.attrs["Mounts"]}
+    app_dir = lab.lab_dir / "app"
+    assert mounts == {"/run/labweb": (str(app_dir / "secrets"), False), "/status": (str(app_dir / "status"), True),
+                      "/var/log/labweb": (str(app_dir / "logs"), True)}
+    env = dict(e.split("=", 1) for e in web.attrs["Config"]["Env"])
+    assert env["LABWEB_UPSTREAM"] == f"127.0.0.1:{lab.info.upstream_port}" and env["LABWEB_REQUIRE"] == "redis"
+    assert env["LABWEB_MEMORY_LIMIT_BYTES"] == str(64 << 20) and env["LABWEB_ROLE"] == "web"
+    for name, role in (("lab-upstream", "upstream"), ("lab-worker", "worker")):
+        c = client.containers.get(name)
+        assert c.attrs["Config"]["Image"] == lab.info.web_image and c.labels["runbooks.service"] == role
+        assert c.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert f"LABWEB_ROLE={role}" in c.attrs["Config"]["Env"]
+    assert (app_dir / "secrets").stat().st_mode & 0o777 == 0o700
+    for token in (lab.info.admin_token_file, lab.info.chaos_token_file):
+        assert token.stat().st_mode & 0o777 == 0o600 and token.read_text().strip()
+    assert lab.info.admin_token_file.read_text() != lab.info.chaos_token_file.read_text()
+    assert "labweb_start_failed{reason=\"none\"} 0" in (app_dir / "status" / "web.prom").read_text()
+    assert wait_for(lambda: lab.info.app_log_file.exists() and lab.info.app_log_file.stat().st_size > 0, 5)
+
+
+def test_an_older_lab_json_gets_the_app_ports(tmp_path):
+    from lab.context import LabContext
+
+    ctx = LabContext(tmp_path / "lab")
+    ctx.lab_dir.mkdir()
+    old = json.loads(ctx.info.model_dump_json())
+    for key in ("upstream_port", "worker_port", "upstream_url", "worker_url"):
+        del old[key]
+    ctx.info_path.write_text(json.dumps(old))
+    again = LabContext(tmp_path / "lab")
+    ports = [getattr(again.info, k) for k in ("web_port", "pg_port", "redis_port", "ssh_port", "prometheus_port",
+                                               "upstream_port", "worker_port")]
+    assert again.info.web_port == old["web_port"] and len(set(ports)) == len(ports)
+    assert again.info.upstream_url == f"http://127.0.0.1:{again.info.upstream_port}"
+    again.save_info()
+    assert LabContext(tmp_path / "lab").info.worker_port == again.info.worker_port
 
 
 def test_kill_web_then_docker_restart(lab):
@@ -179,11 +234,14 @@ def test_up_is_idempotent_and_reuses(lab):
 def test_down_leaves_nothing_alive(lab):
     pids = lab.pids()
     assert {"dockerd", "containerd", "postgres", "redis", "sshd"} <= set(pids)
-    web_pid = lab.docker_client().containers.get(lab.info.container_name).attrs["State"]["Pid"]
-    assert web_pid and pid_alive(web_pid)
+    assert "traffic" in pids
+    client = lab.docker_client()
+    containers = {n: client.containers.get(n).attrs["State"]["Pid"]
+                  for n in (lab.info.container_name, "lab-upstream", "lab-worker")}
+    assert all(pid and pid_alive(pid) for pid in containers.values())
     try:
         lab.down()
-        alive = {name: pid for name, pid in {**pids, "web": web_pid}.items() if pid_alive(pid)}
+        alive = {name: pid for name, pid in {**pids, **containers}.items() if pid_alive(pid)}
         assert alive == {}
         st = lab.status()
         assert all(v.startswith("down") for v in st.values()), st
