@@ -39,7 +39,7 @@ from incident.kit import Diagnosis, already_fine, begin, change, escalate_and_fa
 from incident.record import Incident, Trigger
 from incident.waiting import waiting
 from tasks.app import (
-    AppMetrics, AppStatus, UpstreamProbe, UpstreamWait, admin_command, close_circuit_breaker,
+    AppMetrics, AppStatus, UpstreamProbe, UpstreamWait, admin_command, leave_degraded_mode,
     probe_upstream, read_app_metrics, read_app_status, require_app, require_upstream,
     set_degraded_mode, wait_for_upstream, watch_app_traffic,
 )
@@ -100,7 +100,7 @@ def upstream_outage(
     incident.enter("contain", seen.summary)
     incident.set_severity(_more_urgent(RUNBOOK_SEVERITY, service.service.severity_degraded),
                           f"{service.name}'s prices depend on {upstream.name}, which {seen.upstream.cause}")
-    step = change(incident, service, plan_degraded(service, upstream, on=True), set_degraded_mode, service, True)
+    step = change(incident, service, plan_degraded(service, upstream), set_degraded_mode, service, True)
     if not step.taken:
         return step.closed
     if not serves_from_cache(incident, service, containment_window_s):
@@ -122,12 +122,9 @@ def upstream_outage(
         return stay_degraded(incident, service, upstream, wait)
 
     # ... then go back to it: close the breaker (000 step 4, 004 "only after confirming the issue
-    # resolved") while degraded mode still holds the traffic, then leave degraded mode
-    step = change(incident, service, plan_close_breaker(service, upstream), close_circuit_breaker, service)
-    if not step.taken:
-        return step.closed
-    step = change(incident, service, plan_degraded(service, upstream, on=False), set_degraded_mode,
-                  service, False)
+    # resolved") while degraded mode still holds the traffic, then leave degraded mode - one step:
+    # closing the breaker resolves the alert, which would stand down a second step asked after it
+    step = change(incident, service, plan_leave_degraded(service, upstream), leave_degraded_mode, service)
     if not step.taken:
         return step.closed
 
@@ -222,7 +219,7 @@ def degrade_again(incident: Incident, service: Target, upstream: UpstreamSpec, s
                   status: AppStatus) -> State:
     """The upstream answered the probes, but the service's own calls still fail: back to degraded
     mode (approval gate), then hand over."""
-    step = change(incident, service, plan_degraded(service, upstream, on=True), set_degraded_mode, service, True)
+    step = change(incident, service, plan_degraded(service, upstream), set_degraded_mode, service, True)
     if not step.taken:
         return step.closed
     return escalate_and_fail(
@@ -238,36 +235,28 @@ def _more_urgent(a: Severity, b: Severity) -> Severity:
     return min(a, b, key=lambda s: s.value)  # "P0" < "P1" < ...
 
 
-def plan_degraded(service: Target, upstream: UpstreamSpec, on: bool) -> ActionPlan:
-    if on:
-        return ActionPlan(
-            action="set_degraded_mode",
-            target=service.name,
-            runs=admin_command(service, "/degraded?on=1"),
-            expected_effect=f"{service.name} answers price requests from its cache (source: cache) and "
-                            f"stops calling {upstream.name} while it fails",
-            undo=f"leave degraded mode: {admin_command(service, '/degraded?on=0')} (this runbook does it "
-                 f"once {upstream.name} answers again)",
-            destructive=False,
-        )
+def plan_degraded(service: Target, upstream: UpstreamSpec) -> ActionPlan:
     return ActionPlan(
         action="set_degraded_mode",
         target=service.name,
-        runs=admin_command(service, "/degraded?on=0"),
-        expected_effect=f"{service.name} calls {upstream.name} again for every price request (it "
-                        "answered its health endpoint and a probe request with 200)",
-        undo=f"back to cached prices: {admin_command(service, '/degraded?on=1')}",
+        runs=admin_command(service, "/degraded?on=1"),
+        expected_effect=f"{service.name} answers price requests from its cache (source: cache) and "
+                        f"stops calling {upstream.name} while it fails",
+        undo=f"leave degraded mode: {admin_command(service, '/degraded?on=0')} (this runbook does it "
+             f"once {upstream.name} answers again)",
         destructive=False,
     )
 
 
-def plan_close_breaker(service: Target, upstream: UpstreamSpec) -> ActionPlan:
+def plan_leave_degraded(service: Target, upstream: UpstreamSpec) -> ActionPlan:
     return ActionPlan(
-        action="close_circuit_breaker",
+        action="leave_degraded_mode",
         target=service.name,
-        runs=admin_command(service, "/breaker?state=closed"),
-        expected_effect=f"{service.name}'s circuit breaker closed and its failure count reset: it calls "
-                        f"{upstream.name} again once degraded mode is off",
-        undo=f"none needed: {service.name} opens its breaker again by itself after repeated failures",
+        runs=f"{admin_command(service, '/breaker?state=closed')}, then {admin_command(service, '/degraded?on=0')}",
+        expected_effect=f"{service.name}'s circuit breaker closed and its failure count reset, then it calls "
+                        f"{upstream.name} again for every price request ({upstream.name} answered its health "
+                        "endpoint and a probe request with 200)",
+        undo=f"back to cached prices: {admin_command(service, '/degraded?on=1')} ({service.name} opens "
+             "its breaker again by itself after repeated failures)",
         destructive=False,
     )

@@ -16,7 +16,7 @@ Rate Limiting Issues" (429: back off, switch to cached data):
   service's own (status, Retry-After);
 - :func:`wait_for_upstream` - probe until the upstream answers again, with capped
   exponential backoff, never sooner than a Retry-After asked;
-- :func:`set_degraded_mode`, :func:`close_circuit_breaker` (changing) - the admin calls,
+- :func:`set_degraded_mode`, :func:`leave_degraded_mode` (changing) - the admin calls,
   each re-checking the state first ("already ...").
 
 An upstream that fails is an observation (the probe says how), not an error; an admin API that
@@ -549,20 +549,38 @@ def set_degraded_mode(target: Target, on: bool) -> ActionResult:
 
 
 @changing_task
-def close_circuit_breaker(target: Target) -> ActionResult:
-    """Runbook 000 "Manually reset circuit breakers if needed", 004 "reset only after confirming
-    the issue resolved": ``POST <admin>/breaker?state=closed`` (closes it and resets the failure
-    count). Re-checks first: a closed breaker with no failures counted is "already closed"."""
+def leave_degraded_mode(target: Target) -> ActionResult:
+    """Back from cached prices once the upstream answers: runbook 000 "Manually reset circuit
+    breakers if needed" and 004 "reset only after confirming the issue resolved" -
+    ``POST <admin>/breaker?state=closed`` while degraded mode still holds the traffic - then
+    ``POST <admin>/degraded?on=0``. One step, so one approval: closing the breaker resolves the
+    alert, and a second step asked for after it would be stood down by that resolve, leaving the
+    service degraded. Re-checks first: a closed breaker with no failures counted and degraded mode
+    off is "already ..."; each call's answer must show it took."""
     before = _admin_call(target, "GET", "/status")
-    if before.breaker == "closed" and before.consecutive_failures == 0:
-        return ActionResult(action="close_circuit_breaker", target=target.name, changed=False,
-                            detail=f"already closed: {before.describe()}")
-    after = _admin_call(target, "POST", "/breaker", {"state": "closed"})
-    if after.breaker != "closed":
-        raise ActionFailedError(f"{target.name} admin API", f"asked to close the breaker, it answered "
-                                f"{after.describe()}", "the circuit breaker closed",
-                                f"check {target.name}'s admin API and log; close it by hand: "
-                                f"{admin_command(target, '/breaker?state=closed')}")
-    return ActionResult(action="close_circuit_breaker", target=target.name, changed=True,
-                        detail=f"breaker closed (was {before.breaker}, {before.consecutive_failures} "
-                               f"consecutive failures); now {after.describe()}")
+    breaker_closed = before.breaker == "closed" and before.consecutive_failures == 0
+    if breaker_closed and not before.degraded:
+        return ActionResult(action="leave_degraded_mode", target=target.name, changed=False,
+                            detail=f"already out of degraded mode, breaker closed: {before.describe()}")
+    done = []
+    if not breaker_closed:
+        after = _admin_call(target, "POST", "/breaker", {"state": "closed"})
+        if after.breaker != "closed":
+            raise ActionFailedError(f"{target.name} admin API", f"asked to close the breaker, it answered "
+                                    f"{after.describe()}", "the circuit breaker closed",
+                                    f"check {target.name}'s admin API and log; close it by hand: "
+                                    f"{admin_command(target, '/breaker?state=closed')}; it is still in "
+                                    "degraded mode (serving cached prices)")
+        done.append(f"breaker closed (was {before.breaker}, {before.consecutive_failures} consecutive failures)")
+    if before.degraded:
+        after = _admin_call(target, "POST", "/degraded", {"on": "0"})
+        if after.degraded:
+            raise ActionFailedError(f"{target.name} admin API", f"asked degraded mode off, it answered "
+                                    f"{after.describe()}", "degraded mode off",
+                                    f"check {target.name}'s admin API and log; switch it by hand: "
+                                    f"{admin_command(target, '/degraded?on=0')}"
+                                    + ("; its breaker is already closed" if done else ""))
+        done.append("degraded mode off")
+    now = _admin_call(target, "GET", "/status")
+    return ActionResult(action="leave_degraded_mode", target=target.name, changed=True,
+                        detail=f"{'; '.join(done)}; now {now.describe()}")

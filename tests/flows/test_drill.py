@@ -31,9 +31,12 @@ from tests.helpers import run_tags, wait_paused
 pytestmark = pytest.mark.lab
 
 GAME_DAY = "web-broken-release"  # its rollback needs a person: drilled in game-day mode
-#: each scenario's own drill (policies/drills.yaml), as its monthly deployment runs it; the other
-#: faults of a scenario are healed from their real alerts in the scenario's own tests
-POLICY_MODE = [FAULTS[spec.fault] for spec in load_drills().drills.values()]
+#: The drills run here: the data tier's and service-down's, as their monthly deployments run them.
+#: The application tier's scenarios heal these same faults from their real alerts in their own
+#: tests (tests/flows/test_memory_cpu.py ...), which the 20-minute budget does not allow twice;
+#: their drill data is checked below, and `drill-all` runs every drill (README, Drills).
+DRILLED_HERE = ("service-down", "db-connections", "db-locks", "redis-down", "disk-full")
+POLICY_MODE = [FAULTS[load_drills().drills[scenario].fault] for scenario in DRILLED_HERE]
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import threading
 from uuid import UUID
 
 import pytest
-import yaml
 
 from flows.memory_cpu import memory_cpu
 from tests.helpers import (
@@ -118,41 +117,6 @@ def test_a_leak_that_comes_back_after_the_restart_escalates(prefect_api, healthy
     finally:
         stop.set()
         watcher.join(timeout=5)
-        lab.reset_fault("web-memory-leak")
-
-
-def test_a_stateful_service_waits_for_a_person_and_nobody_answers(prefect_api, healthy_lab, tmp_path,
-                                                                  monkeypatch):
-    """No policy covers a service the inventory does not mark stateless: the restart waits for a
-    person; nobody answers, the run escalates and fails, and the leaking container is left as
-    it was."""
-    lab = healthy_lab
-    inv = yaml.safe_load(lab.inventory_path.read_text())
-    inv["services"]["web"]["stateless"] = False
-    path = tmp_path / "inventory.yaml"
-    path.write_text(yaml.safe_dump(inv))
-    monkeypatch.setenv("RUNBOOKS_INVENTORY", str(path))
-    monkeypatch.setenv("RUNBOOKS_APPROVAL_TIMEOUT_S", "2")
-    before = _started_at(lab)
-    lab.web.chaos("leak=1")  # growing from now on: the diagnosis sees it grow
-    try:
-        incident_id = new_incident_id()
-        state = memory_cpu(target="web", incident_id=incident_id, samples=2, sample_interval_s=1.0,
-                           return_state=True)
-
-        assert state.is_failed(), state
-        assert "no decision on restart_container within 2 s" in state.message
-        assert "this run changed nothing" in state.message and "not run: restart_container" in state.message
-        assert _started_at(lab) == before, "the container was restarted without approval"
-        assert not lab.fault_healthy("web-memory-leak"), "the leak was healed without approval"
-        text = report(incident_id)
-        assert "| memory | **problem** |" in text and "GROWING" in text
-        assert "**Status:** failed" in text
-        assert "| restart_container | timed out | nobody |" in text
-        assert "| - | none | - | - | - |" in text, "an action was recorded"
-        assert "this run changed nothing" in _section(text, "Escalations")
-        assert escalations(prefect_api, incident_id), "no escalation event reached Prefect"
-    finally:
         lab.reset_fault("web-memory-leak")
 
 

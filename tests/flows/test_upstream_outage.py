@@ -57,11 +57,11 @@ def test_upstream_down_alert_degrades_waits_and_goes_back(quiet_pipeline):
     name = _upstream_name(lab)
     assert "**Status:** resolved" in text
     assert "- kind: alert; source: alertmanager" in text and "UpstreamFailing" in text
-    assert text.count(f"| set_degraded_mode | approved | {POLICY} |") == 2, "degraded on, then off"
-    assert f"| close_circuit_breaker | approved | {POLICY} |" in text
+    assert f"| set_degraded_mode | approved | {POLICY} |" in text
+    assert f"| leave_degraded_mode | approved | {POLICY} |" in text, "one step, one approval: out of it"
     assert "| set_degraded_mode | web | yes | degraded mode on" in text
-    assert re.search(r"\| close_circuit_breaker \| web \| yes \| breaker closed \(was (open|half_open),", text)
-    assert "| set_degraded_mode | web | yes | degraded mode off" in text
+    assert re.search(r"\| leave_degraded_mode \| web \| yes \| breaker closed \(was (open|half_open), "
+                     r"\d+ consecutive failures\); degraded mode off", text)
     assert f"| upstream {name} | **problem** |" in text and "health 503" in text, "the upstream's own health"
     assert re.search(r"\| circuit breaker \| \*\*problem\*\* \| circuit breaker (open|half_open) ", text)
     assert "| upstream failures | **problem** |" in text
@@ -127,7 +127,7 @@ def test_upstream_down_for_good_stays_degraded_and_escalates(prefect_api, health
     assert "stays in degraded mode, serving cached prices" in escalation
     assert "this run changed: set_degraded_mode on web" in escalation
     assert f"| set_degraded_mode | approved | {POLICY} |" in text
-    assert "| close_circuit_breaker |" not in text, "the breaker must not be closed for a dead upstream"
+    assert "| leave_degraded_mode |" not in text, "the breaker must not be closed for a dead upstream"
     assert "| upstream recovery | **problem** |" in text and "| left degraded | ok |" in text
     token = load_target("web", lab.inventory_path).service.app.admin_token.resolve().get_secret_value()
     assert token not in text and token not in message

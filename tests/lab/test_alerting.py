@@ -215,9 +215,12 @@ def test_app_tier_rules_pass_promtool_with_the_inventory_thresholds(tmp_path):
     assert by_name["LogFileTooLarge"]["expr"].endswith(f"> {app.LOG_MAX_BYTES}")
     assert by_name["QueueBacklogHigh"]["expr"] == 'max by (service) (redis_key_size{key="jobs"}) > 50'
     assert by_name["AppCpuHigh"]["expr"] == 'max by (service) (rate(process_cpu_seconds_total{job="web"}[5s])) > 0.3'
-    assert by_name["ServiceWontStart"]["expr"] == "max by (service, reason) (labweb_start_failed) > 0"
+    # a broken release stays service-down's (a rollback), not app-wont-start's
+    assert by_name["ServiceWontStart"]["expr"] == \
+        'max by (service, reason) (labweb_start_failed{reason!="broken_release"}) > 0'
     down = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "ServiceDown")
-    assert down["expr"] == 'probe_success{job="blackbox"} == 0 unless on (service) (labweb_start_failed > 0)'
+    assert down["expr"] == ('probe_success{job="blackbox"} == 0 unless on (service) '
+                            '(labweb_start_failed{reason!="broken_release"} > 0)')
 
 
 def test_app_tier_inhibitions_and_scrape_jobs(lab):

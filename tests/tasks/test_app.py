@@ -10,7 +10,7 @@ import pytest
 from incident.errors import ConfigurationError
 from incident.inventory import load_target
 from tasks.app import (
-    close_circuit_breaker, parse_app_metrics, parse_retry_after, probe_upstream, read_app_metrics,
+    leave_degraded_mode, parse_app_metrics, parse_retry_after, probe_upstream, read_app_metrics,
     read_app_status, set_degraded_mode,
 )
 
@@ -69,8 +69,8 @@ def test_admin_status_metrics_and_the_changing_calls(prefect_api, healthy_lab):
     finally:
         off = set_degraded_mode(target, False)
     assert off.changed and not read_app_status(target).degraded
-    closed = close_circuit_breaker(target)
-    assert not closed.changed and closed.detail.startswith("already closed")
+    out = leave_degraded_mode(target)
+    assert not out.changed and out.detail.startswith("already out of degraded mode"), out.detail
 
 
 @pytest.mark.lab
