@@ -210,10 +210,18 @@ class Lab:
         for name in held:  # first: a holder may keep another fault's reset from working (the web port)
             _faults.stop_holder(self, name)
         done = []
+        # faults that share a part share its check (web-killed, web-broken-release, ... all ask
+        # whether the web service is at its baseline): each check runs once until a reset
+        # changes the lab
+        seen: dict[object, bool] = {}
         for name, f in list(_faults.FAULTS.items()):
-            if name in held or not f.is_at_baseline(self):  # checked in turn: faults may share a part
+            check = f.at_baseline or f.healthy
+            if check not in seen:
+                seen[check] = name not in held and f.is_at_baseline(self)
+            if name in held or not seen[check]:  # checked in turn: faults may share a part
                 self.reset_fault(name)
                 done.append(name)
+                seen.clear()
         return done
 
     # ----------------------------------------------------------------- alerting stack (optional)
