@@ -41,8 +41,9 @@ class Web:
     def name(self) -> str:
         return self.ctx.container_name
 
-    def env(self, without: tuple[str, ...] = ()) -> dict[str, str]:
-        """The container's environment (``without``: settings left out, for a fault)."""
+    def env(self, without: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The container's environment (``without``: settings left out, ``extra``: settings added,
+        for a fault)."""
         i = self.ctx.info
         env = {
             "LABWEB_ROLE": "web",
@@ -57,10 +58,9 @@ class Web:
             "LABWEB_STATUS_FILE": STATUS_FILE,
             "LABWEB_MEMORY_LIMIT_BYTES": str(MEMORY_LIMIT_BYTES),
             "LABWEB_LEAK_BYTES_PER_S": str(LEAK_BYTES_PER_S),
-            "LABWEB_REQUIRE": "redis",
             "LABWEB_QUEUE_KEY": QUEUE_KEY,
         }
-        return {k: v for k, v in env.items() if k not in without}
+        return {**{k: v for k, v in env.items() if k not in without}, **(extra or {})}
 
     def volumes(self) -> dict[str, dict[str, str]]:
         c = self.ctx
@@ -83,7 +83,8 @@ class Web:
         if old is not None:
             old.remove(force=True)
 
-    def _run(self, client, image: str, previous: str, without: tuple[str, ...] = (), check_port: bool = True):
+    def _run(self, client, image: str, previous: str, without: tuple[str, ...] = (), check_port: bool = True,
+             extra: dict[str, str] | None = None):
         info = self.ctx.info
         self._remove(client)
         if check_port and port_in_use(info.web_port) and image != info.broken_image:
@@ -93,7 +94,7 @@ class Web:
             name=self.name,
             detach=True,
             network_mode="host",
-            environment=self.env(without),
+            environment=self.env(without, extra),
             labels={"runbooks.previous-image": previous, "runbooks.service": "web"},
             restart_policy={"Name": "no"},
             mem_limit=MEMORY_LIMIT_BYTES,
@@ -154,7 +155,7 @@ class Web:
         self.recreate_failing(self.ctx.info.broken_image, "broken release")
 
     def recreate_failing(self, image: str, what: str, without: tuple[str, ...] = (),
-                         previous: str | None = None) -> None:
+                         previous: str | None = None, extra: dict[str, str] | None = None) -> None:
         """Recreate the container so that it exits at start (``what`` says why), labelled with
         ``previous`` (default: the image that ran before, so a rollback goes back to it)."""
         client = self.docker.client()
@@ -162,7 +163,7 @@ class Web:
             c = self._get(client)
             if previous is None:
                 previous = c.attrs["Config"]["Image"] if c is not None else self.ctx.info.web_image
-            new = self._run(client, image, previous, without=without, check_port=False)
+            new = self._run(client, image, previous, without=without, check_port=False, extra=extra)
 
             def exited() -> bool:
                 new.reload()
@@ -447,8 +448,15 @@ def _inject_web_error_release(lab) -> None:
 # ----- app-wont-start
 
 
-def _inject_wont_start(lab, what: str, reason: str, without: tuple[str, ...] = ()) -> None:
-    lab.web.recreate_failing(lab.info.web_image, what, without=without, previous=lab.info.previous_image)
+#: The start check of a dependency: the lab's baseline web starts without it (an outage of Redis
+#: must not keep a restarted web down in the other scenarios); web-dependency-down sets it.
+REQUIRE_SETTING = "LABWEB_REQUIRE"
+
+
+def _inject_wont_start(lab, what: str, reason: str, without: tuple[str, ...] = (),
+                       extra: dict[str, str] | None = None) -> None:
+    lab.web.recreate_failing(lab.info.web_image, what, without=without, previous=lab.info.previous_image,
+                             extra=extra)
     if lab.web.start_failure() != reason:
         raise lab.ctx.fail("web", f"{what}: the status file says {lab.web.start_failure()!r}, not {reason!r}")
 
@@ -488,16 +496,19 @@ def _dependency_healthy(lab) -> bool:
 
 
 def _dependency_at_baseline(lab) -> bool:
-    return lab.redis.answers() and lab.web.at_baseline()
+    env = lab.web.running_env()
+    return (lab.redis.answers() and lab.web.at_baseline() and env is not None
+            and REQUIRE_SETTING not in env)
 
 
 @fault("web-dependency-down", scenario="app-wont-start", alert=None,
-       description="Redis is stopped (by its PID) and the web container recreated: it exits "
-                   "(dependency_down); starting Redis, then the service, heals it",
+       description="Redis is stopped (by its PID) and the web container recreated with a start check "
+                   "of Redis (LABWEB_REQUIRE=redis, as an application that refuses to start without "
+                   "its cache): it exits (dependency_down); starting Redis, then the service, heals it",
        reset=_reset_dependency, healthy=_dependency_healthy, at_baseline=_dependency_at_baseline)
 def _inject_web_dependency_down(lab) -> None:
     lab.stop_component("redis")
-    _inject_wont_start(lab, "web-dependency-down", "dependency_down")
+    _inject_wont_start(lab, "web-dependency-down", "dependency_down", extra={REQUIRE_SETTING: "redis"})
 
 
 # ----- logs-backlog

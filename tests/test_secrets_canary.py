@@ -47,6 +47,7 @@ PAGE = 200  # the API's largest page (PREFECT_API_DEFAULT_LIMIT)
 #: Paths under the state dir that are not scanned, and why.
 NOT_SCANNED = {
     "lab/secrets": "the secrets' own files (mode 0600): where they belong",
+    "lab/app/secrets": "the web service's admin and chaos tokens (mode 0600): where they belong",
     "gateway/local.json": "the gateway's secrets as `make up` keeps them (mode 0600)",
     "prefect/prefect.db": "Prefect's database: scanned through its API, which also tells what a planted run owns",
     "lab/pg/data": "PostgreSQL's data files (roles keep SCRAM hashes, not passwords); its log is scanned",

@@ -97,7 +97,8 @@ def service(healthy_web):
         name = f"{TEST_PREFIX}{uuid.uuid4().hex[:8]}"
         port = free_port()
         env = {"LABWEB_PORT": str(port), "LABWEB_PG": f"127.0.0.1:{lab.info.pg_port}",
-               "LABWEB_REDIS": f"127.0.0.1:{lab.info.redis_port}", "EXTRA_SETTING": "kept"}
+               "LABWEB_REDIS": f"127.0.0.1:{lab.info.redis_port}",
+               "LABWEB_UPSTREAM": f"127.0.0.1:{lab.info.upstream_port}", "EXTRA_SETTING": "kept"}
         labels = {PREVIOUS_IMAGE_LABEL: previous, "team": "sre"}
         extra: dict = {}
         host_extra: dict = {}
