@@ -18,15 +18,12 @@ scaled so that a drill fires in seconds: the alert rules (lab/exporters.py) use 
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 from lab.context import LabContext, LabInfo
 from lab.docker import Docker
 from lab.exporters import QUEUE_KEY
 from lab.faults import fault
-from lab.proc import LabError, expect_cmdline, http_get, tcp_exchange, wait_until
+from lab.proc import LabError, expect_cmdline, http_get, http_request, tcp_exchange, wait_until
 
 expect_cmdline("traffic", "lab.traffic")
 
@@ -86,21 +83,6 @@ def app_inventory(i: LabInfo) -> dict:
 
 
 # --------------------------------------------------------------------------- HTTP helpers
-
-
-def call(method: str, url: str, token_file: Path | None = None, timeout: float = 3.0) -> tuple[int, str]:
-    """(status, body) of a request, with ``Authorization: Bearer <token of token_file>``;
-    status 0 with the error text if it failed. The token never appears in what is returned."""
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if token_file is not None:
-        req.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as e:
-        return 0, str(getattr(e, "reason", e))
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -248,7 +230,7 @@ class App:
 
     def set_upstream_mode(self, mode: str, for_s: int = 0, retry_after: int = 2) -> None:
         url = f"{self.ctx.info.upstream_url}/admin/mode?set={mode}&for={for_s}&retry_after={retry_after}"
-        code, body = call("POST", url, self.ctx.info.chaos_token_file)
+        code, body = http_request("POST", url, self.ctx.info.chaos_token_file)
         if code != 200:
             raise LabError(f"upstream: POST /admin/mode?set={mode} answered {code or ''} {body}".strip())
 
@@ -272,7 +254,8 @@ class App:
         return m is not None and m.get("labworker_consuming") == 1
 
     def worker_chaos(self, query: str) -> None:
-        code, body = call("POST", f"{self.ctx.info.worker_url}/admin/chaos?{query}", self.ctx.info.chaos_token_file)
+        code, body = http_request("POST", f"{self.ctx.info.worker_url}/admin/chaos?{query}",
+                                  self.ctx.info.chaos_token_file)
         if code != 200:
             raise LabError(f"worker: POST /admin/chaos?{query} answered {code or ''} {body}".strip())
 

@@ -129,16 +129,25 @@ def tcp_exchange(port: int, data: bytes, n: int, timeout: float = 1.0) -> bytes:
         return s.recv(n)
 
 
-def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
-    """(status, body) of a GET; status 0 with the error text if it failed."""
+def http_request(method: str, url: str, token_file: Path | None = None,
+                 timeout: float = 3.0) -> tuple[int, str]:
+    """(status, body) of a request, with ``Authorization: Bearer <token of token_file>`` if one is
+    given; status 0 with the error text if it failed. The token never appears in what is returned."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token_file is not None:
+        req.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return 0, str(reason)
+        return 0, str(getattr(e, "reason", e))
+
+
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    """(status, body) of a GET; status 0 with the error text if it failed."""
+    return http_request("GET", url, timeout=timeout)
 
 
 def tail(path: Path, lines: int = 15) -> str:

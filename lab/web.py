@@ -20,12 +20,12 @@ from pathlib import Path
 from lab.app import (
     APP_LOG, CPU_ALERT_CORES, LEAK_BYTES_PER_S, LOG_MAX_BYTES, LOGS_MOUNT, MEMORY_ALERT_FRACTION,
     MEMORY_BASELINE_FRACTION, MEMORY_LIMIT_BYTES, NANO_CPUS, QUEUE_KEY, SECRETS_MOUNT, STATUS_FILE,
-    STATUS_MOUNT, UPSTREAM_TIMEOUT_MS, call, metrics,
+    STATUS_MOUNT, UPSTREAM_TIMEOUT_MS, metrics,
 )
 from lab.context import LabContext
 from lab.docker import Docker
 from lab.faults import fault, start_holder
-from lab.proc import LabError, expect_cmdline, http_get, pid_alive, port_in_use, wait_until
+from lab.proc import LabError, expect_cmdline, http_get, http_request, pid_alive, port_in_use, wait_until
 
 expect_cmdline("fault-web-port-held", "lab.port_holder")
 #: the bytes of log lines the app-log-flood fault makes the service write (over LOG_MAX_BYTES)
@@ -248,12 +248,12 @@ class Web:
     def admin(self, path: str) -> dict | None:
         """POST an admin endpoint (admin token), e.g. ``degraded?on=0``: its status JSON, or
         None if the service did not answer 200."""
-        code, body = call("POST", f"{self.ctx.info.admin_url}/{path}", self.ctx.info.admin_token_file)
+        code, body = http_request("POST", f"{self.ctx.info.admin_url}/{path}", self.ctx.info.admin_token_file)
         return json.loads(body) if code == 200 else None
 
     def admin_status(self) -> dict | None:
         """``GET /admin/status`` (admin token); None if the service did not answer 200."""
-        code, body = call("GET", f"{self.ctx.info.admin_url}/status", self.ctx.info.admin_token_file, timeout=2)
+        code, body = http_request("GET", f"{self.ctx.info.admin_url}/status", self.ctx.info.admin_token_file, timeout=2)
         try:
             return json.loads(body) if code == 200 else None
         except ValueError:
@@ -261,7 +261,7 @@ class Web:
 
     def chaos(self, query: str) -> None:
         """``POST /admin/chaos?<query>`` with the chaos token (the lab's faults only)."""
-        code, body = call("POST", f"{self.ctx.info.admin_url}/chaos?{query}", self.ctx.info.chaos_token_file)
+        code, body = http_request("POST", f"{self.ctx.info.admin_url}/chaos?{query}", self.ctx.info.chaos_token_file)
         if code != 200:
             raise LabError(f"web: POST /admin/chaos?{query} answered {code or ''} {body}".strip())
 

@@ -80,16 +80,16 @@ def test_inject_breaks_and_reset_heals(healthy_lab, name):
 def test_chaos_and_admin_endpoints_take_only_their_own_token(lab):
     """The faults break the service with the chaos token; the admin token (the runbooks')
     cannot, and the chaos token cannot drive the admin endpoints."""
-    from lab.app import call
+    from lab.proc import http_request
 
     i = lab.info
-    assert call("POST", f"{i.admin_url}/chaos?off=1", i.admin_token_file)[0] == 401
-    assert call("POST", f"{i.admin_url}/chaos?off=1")[0] == 401
-    assert call("GET", f"{i.admin_url}/status", i.chaos_token_file)[0] == 401
-    assert call("POST", f"{i.upstream_url}/admin/mode?set=ok", i.admin_token_file)[0] == 401
-    assert call("POST", f"{i.worker_url}/admin/chaos?stall=0", i.admin_token_file)[0] == 401
-    assert call("POST", f"{i.admin_url}/chaos?off=1", i.chaos_token_file)[0] == 200
-    code, body = call("GET", f"{i.admin_url}/status", i.admin_token_file)
+    assert http_request("POST", f"{i.admin_url}/chaos?off=1", i.admin_token_file)[0] == 401
+    assert http_request("POST", f"{i.admin_url}/chaos?off=1")[0] == 401
+    assert http_request("GET", f"{i.admin_url}/status", i.chaos_token_file)[0] == 401
+    assert http_request("POST", f"{i.upstream_url}/admin/mode?set=ok", i.admin_token_file)[0] == 401
+    assert http_request("POST", f"{i.worker_url}/admin/chaos?stall=0", i.admin_token_file)[0] == 401
+    assert http_request("POST", f"{i.admin_url}/chaos?off=1", i.chaos_token_file)[0] == 200
+    code, body = http_request("GET", f"{i.admin_url}/status", i.admin_token_file)
     assert code == 200 and json.loads(body)["breaker"] == "closed"
 
 
