@@ -1,5 +1,6 @@
-"""The local stack: a Prefect server on SQLite, the deployments of prefect.yaml,
-a process worker, and the lab of real targets.
+"""The local stack: a Prefect server (on SQLite, or on a PostgreSQL of its own with
+``RUNBOOKS_PREFECT_DATABASE=postgres``: deployments/prefect_db.py), the deployments of
+prefect.yaml, a process worker, and the lab of real targets.
 
     python -m deployments.stack up|down|status
 
@@ -25,6 +26,7 @@ from lab.proc import wait_until
 
 WORK_POOL = "runbooks"
 DEFAULT_PORT = 4200
+_DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 
 
 class StackError(RuntimeError):
@@ -37,11 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Prefect's database settings: only the server gets one (start_prefect_server), with its password
+_DB_URL_VARS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+
+
 def prefect_env(home: Path, api_url: str) -> dict[str, str]:
-    """Environment for every Prefect process of the stack (server, CLI, worker, tests)."""
+    """Environment for every Prefect process of the stack (server, CLI, worker, tests).
+    It never holds the server's database URL (the password): start_prefect_server adds it."""
     settings = get_settings()
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in _DB_URL_VARS},
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -97,15 +104,36 @@ def wait_for_api(api_url: str, timeout_s: float = 120.0, pid: int | None = None)
                propagate=(StackError,))
 
 
-def start_prefect_server(home: Path, port: int, state: Path, ui: bool = True) -> tuple[int, str]:
-    """Start ``prefect server start`` on 127.0.0.1 (SQLite under ``home``); wait until healthy."""
+def start_prefect_server(home: Path, port: int, state: Path, ui: bool = True,
+                         database: str | None = None) -> tuple[int, str]:
+    """Start ``prefect server start`` on 127.0.0.1; wait until healthy.
+
+    ``database``: ``sqlite`` (``home``/prefect.db) or ``postgres`` (the cluster of
+    deployments/prefect_db.py under ``<state>/prefect/postgres``, started first or reused);
+    None: ``RUNBOOKS_PREFECT_DATABASE``. Only this process gets the database URL.
+    """
+    from deployments import prefect_db
+
+    database = prefect_db.setting(database)
     api_url = f"http://127.0.0.1:{port}/api"
     env = prefect_env(home, api_url)
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
+    if database == "postgres":
+        prefect_db.start_postgres(state)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_db.connection_url(state)
     pid = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
                                     "--host", "127.0.0.1", "--port", str(port)], env, state)
+    (state / "pids" / "prefect-server.database").write_text(database + "\n")
     wait_for_api(api_url, pid=pid)
     return pid, api_url
+
+
+def server_database(state: Path) -> str | None:
+    """The database the Prefect server of ``<state>/pids/prefect-server.pid`` was started on."""
+    try:
+        return (state / "pids" / "prefect-server.database").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def prefect_cli(args: list[str], env: dict[str, str]) -> str:
@@ -222,8 +250,11 @@ def _pid(state: Path, name: str) -> int | None:
 def up() -> None:
     from lab import Lab
 
+    from deployments import prefect_db
+
     settings = get_settings()
     state = settings.state_dir
+    database = prefect_db.setting()  # a wrong RUNBOOKS_PREFECT_DATABASE fails before the lab starts
     state.mkdir(parents=True, exist_ok=True)
     print("lab: starting dockerd, PostgreSQL, Redis, sshd, the web container, the disk, the "
           "exporters, Prometheus and Alertmanager ...", flush=True)
@@ -235,11 +266,21 @@ def up() -> None:
     api_url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
     server = _pid(state, "prefect-server")
     if server and _alive(server):
+        running_on = server_database(state) or "sqlite"
+        if running_on != database:
+            print(f"prefect: the running server uses {_DB_NAMES[running_on]}, not the "
+                  f"{prefect_db.SETTING}={database} asked for; `make down` and `make up` to switch",
+                  flush=True)
+        if running_on == "postgres":  # it may have stopped under the running server
+            prefect_db.start_postgres(state)
+        database = running_on
         wait_for_api(api_url, pid=server)
     else:
-        print(f"prefect: starting the server on 127.0.0.1:{DEFAULT_PORT} (SQLite in {home}) ...",
+        where = home if database == "sqlite" else prefect_db.Paths(state).link
+        print(f"prefect: starting the server on 127.0.0.1:{DEFAULT_PORT} ({_DB_NAMES[database]} in {where}) ...",
               flush=True)
-        server, api_url = start_prefect_server(home, DEFAULT_PORT, state)
+        server, api_url = start_prefect_server(home, DEFAULT_PORT, state, database=database)
+    print(f"prefect: its database is {_DB_NAMES[database]} ({prefect_db.SETTING}={database})", flush=True)
     env = prefect_env(home, api_url)
     print("prefect: registering the deployments of prefect.yaml ...", flush=True)
     deploy_all(env)
@@ -255,7 +296,8 @@ def up() -> None:
             gateway = None
     if not (gateway and _alive(gateway)):
         gateway = start_gateway(env, state, lab)
-    info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url, "gateway": lab.info.gateway_url,
+    info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url, "prefect_database": database,
+            "gateway": lab.info.gateway_url,
             "inventory": str(settings.inventory_path), "lab": lab.info.model_dump(mode="json")}
     (state / "stack.json").write_text(json.dumps(info, indent=2))
     print(f"""
@@ -263,7 +305,7 @@ Up.
   Prefect UI     {info['ui']}   (deployments: service-down, db-connections, db-locks, redis-down, disk-full;
                  monthly drills drill/drill-<scenario>, all at once: drill-all/drill-all;
                  the monthly report: incident-metrics/incident-metrics)
-  Prefect API    {api_url}
+  Prefect API    {api_url}   (database: {_DB_NAMES[database]})
   inventory      {settings.inventory_path}
   alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager;
                  every source's secret in {state / 'gateway' / 'local.json'}; try
@@ -283,13 +325,18 @@ def down() -> None:
 
     settings = get_settings()
     state = settings.state_dir
+    from deployments import prefect_db
+
     for name in ("alert-gateway", "prefect-worker", "prefect-server"):
         pid = _pid(state, name)
         if pid:
             stop_pid(pid)
             (state / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    (state / "pids" / "prefect-server.database").unlink(missing_ok=True)
+    pg = prefect_db.stop_postgres(state)  # after the server: it is the server's database
     Lab(settings.lab_dir).down()
-    print("down: stopped the gateway, the worker, the Prefect server and the lab")
+    print("down: stopped the gateway, the worker, the Prefect server"
+          + (", its PostgreSQL" if pg else "") + " and the lab")
 
 
 def status() -> None:
@@ -299,11 +346,19 @@ def status() -> None:
     lab = Lab(settings.lab_dir)
     where = {"prefect-server": f"http://127.0.0.1:{DEFAULT_PORT}",
              "alert-gateway": lab.info.gateway_url or ""}  # the lab's gateway port, chosen once
+    from deployments import prefect_db
+
+    state = settings.state_dir
     for name in ("prefect-server", "prefect-worker", "alert-gateway"):
-        pid = _pid(settings.state_dir, name)
+        pid = _pid(state, name)
         up = bool(pid and _alive(pid))
         print(f"{name:18} {f'up (pid {pid})' if up else 'down'}"
-              + (f"  {where[name]}" if up and where.get(name) else ""))
+              + (f"  {where[name]}" if up and where.get(name) else "")
+              + (f"  on {_DB_NAMES.get(server_database(state) or 'sqlite', '?')}"
+                 if up and name == "prefect-server" else ""))
+    pg, pg_pid, pg_port = prefect_db.status(state)
+    print(f"{prefect_db.NAME:18} {f'{pg} (pid {pg_pid})' if pg_pid else pg}"
+          + (f"  127.0.0.1:{pg_port}" if pg_pid and pg_port else ""))
     for name, st in lab.status().items():
         print(f"{name:18} {st}")
 
@@ -312,7 +367,10 @@ if __name__ == "__main__":
     commands = {"up": up, "down": down, "status": status}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m deployments.stack {{{'|'.join(commands)}}}")
+    # run as __main__, this file's StackError is not deployments.stack's, which prefect_db raises
+    from deployments import stack as _imported
+
     try:
         commands[sys.argv[1]]()
-    except StackError as exc:
+    except (StackError, _imported.StackError) as exc:
         sys.exit(f"error: {exc}")

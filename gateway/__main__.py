@@ -1,6 +1,7 @@
 """The alert gateway's commands.
 
     python -m gateway serve                       run the gateway (uvicorn) on RUNBOOKS_GATEWAY_HOST:PORT
+    python -m gateway runner [--gateway URL]      run a runner: execute the runs the gateway queues
     python -m gateway send-test SOURCE [FILE]     send a test alert, signed/authenticated as that
                                                   source must be (default body: a ServiceDown alert)
     python -m gateway recent [-n 20]              the latest alerts and what each started
@@ -40,20 +41,25 @@ def build_app(settings: GatewaySettings):
     from gateway.app import create_app
     from gateway.intake import AlertIntake, Dispatcher
     from gateway.routing import Router
-    from gateway.slots import RunnerSlots
     from gateway.store import AlertStore
 
     settings.check_can_start()  # before anything is created
+    if settings.dispatch == "runner" and settings.runner_token is None:
+        raise GatewayConfigError("runner dispatch needs RUNBOOKS_GATEWAY_RUNNER_TOKEN: the runner "
+                                 "processes (`python -m gateway runner`) present it to take runs "
+                                 "(`make up` generates one); or set RUNBOOKS_GATEWAY_DISPATCH")
     unverified = settings.unverified_sources()
     if unverified:
         log.warning("accepting alerts WITHOUT verification from %s (RUNBOOKS_GATEWAY_INSECURE_SOURCES, "
                     "loopback only); set their secrets before exposing the gateway", ", ".join(unverified))
     store = AlertStore(settings.store_path, retention_days=settings.retention_days)
-    slots = RunnerSlots(settings.max_parallel_runs, settings.max_waiting_runs, settings.max_queued_runs)
-    dispatcher = Dispatcher(store, mode=settings.dispatch, slots=slots)
+    dispatcher = Dispatcher(store, mode=settings.dispatch, max_queued=settings.max_queued_runs,
+                            lease_s=settings.runner_lease_s)
     app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher),
-                     runner_load=dispatcher.load if settings.dispatch == "runner" else None)
+                     runners=dispatcher if settings.dispatch == "runner" else None)
     app.router.on_startup.append(lambda: _recover_in_background(dispatcher))
+    if settings.dispatch == "runner":
+        app.router.on_shutdown.append(_settle_in_background(dispatcher, settings.runner_lease_s / 3))
     if settings.sweep_interval_s:
         stop_sweeping = _sweep_in_background(settings.sweep_interval_s)
         app.router.on_shutdown.append(stop_sweeping)
@@ -76,6 +82,24 @@ def _recover_in_background(dispatcher) -> None:
                 "the gateway once the Prefect API is reachable")
 
     threading.Thread(target=recover, name="recover-incidents", daemon=True).start()
+
+
+def _settle_in_background(dispatcher, interval_s: float):
+    """Every ``interval_s``: settle the runs of runners whose claims lapsed. Returns the
+    function that stops it."""
+    import threading
+
+    stop = threading.Event()
+
+    def settle() -> None:
+        while not stop.wait(interval_s):
+            try:
+                dispatcher.settle_expired_claims()
+            except Exception:
+                log.exception("settling lapsed runner claims failed; trying again in %.0f s", interval_s)
+
+    threading.Thread(target=settle, name="settle-runner-claims", daemon=True).start()
+    return stop.set
 
 
 def _sweep_in_background(interval_s: float):
@@ -103,13 +127,21 @@ def _sweep_in_background(interval_s: float):
 
 
 @contextmanager
-def serving(settings: GatewaySettings) -> Iterator[str]:
-    """Serve the gateway in a thread of this process (tests, benchmarks); yields its URL."""
+def serving(settings: GatewaySettings, runners: int = 1) -> Iterator[str]:
+    """Serve the gateway in a thread of this process (tests, benchmarks); yields its URL.
+
+    Runner dispatch: ``runners`` runners execute its runs in threads of this process too
+    (0: none, for runner processes started apart); without a runner token one is made up."""
+    import secrets
     import threading
     import time
 
     import uvicorn
 
+    from gateway.runner import Runner
+
+    if settings.dispatch == "runner" and settings.runner_token is None:
+        settings = settings.model_copy(update={"runner_token": SecretStr(secrets.token_urlsafe(24))})
     server = uvicorn.Server(uvicorn.Config(build_app(settings), host=settings.host,
                                            port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
@@ -125,9 +157,15 @@ def serving(settings: GatewaySettings) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError(f"the gateway did not start on {url}; see the log above")
         time.sleep(0.1)
+    embedded = [Runner(url, settings.runner_token, name=f"embedded-{i + 1}",  # type: ignore[arg-type]
+                       max_parallel=settings.max_parallel_runs, max_waiting=settings.max_waiting_runs,
+                       claim_wait_s=2.0).start()
+                for i in range(runners if settings.dispatch == "runner" else 0)]
     try:
         yield url
     finally:
+        for runner in embedded:
+            runner.stop()
         server.should_exit = True
         thread.join(timeout=60)
 
@@ -140,6 +178,18 @@ def serve(settings: GatewaySettings) -> None:
     except GatewayConfigError as exc:
         sys.exit(f"error: {exc}")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+
+
+def run_runner(settings: GatewaySettings, url: str | None) -> int:
+    from gateway.runner import serve_runner
+
+    if settings.runner_token is None:
+        sys.exit("error: a runner needs RUNBOOKS_GATEWAY_RUNNER_TOKEN, the gateway's runner token "
+                 "(`make up` keeps it in <state dir>/gateway/local.json)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve_runner(url or settings.gateway_url or f"http://{settings.host}:{settings.port}",
+                 settings.runner_token, settings.max_parallel_runs, settings.max_waiting_runs)
+    return 0
 
 
 def service_down_alert(service: str = "web", status: str = "firing") -> dict:
@@ -279,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", choices=SOURCES)
     p.add_argument("file", nargs="?", type=Path, help="webhook body (default: a ServiceDown alert)")
     p.add_argument("--url", help="gateway base URL (default: from settings)")
+    p = sub.add_parser("runner", help="run a runner: execute the runs the gateway queues")
+    p.add_argument("--gateway", help="the gateway's URL (default: RUNBOOKS_GATEWAY_GATEWAY_URL, "
+                                     "else http://RUNBOOKS_GATEWAY_HOST:PORT)")
     p = sub.add_parser("recent", help="list recent alerts and what each started")
     p.add_argument("-n", type=int, default=20)
     args = parser.parse_args(argv)
@@ -290,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         serve(settings)
         return 0
+    if args.cmd == "runner":
+        return run_runner(settings, args.gateway)
     if args.cmd == "send-test":
         return send_test(settings, args.source, args.file, args.url)
     return recent(settings, args.n)

@@ -21,19 +21,26 @@ Request pipeline (each step answers with a JSON ``{"error": ..., "detail": ...}`
    full runner queue (:class:`gateway.errors.RunnerBusy`): 503 "runner busy" with
    ``Retry-After``, nothing recorded, only for deliveries that carry a firing alert.
 
-``GET /healthz`` shows which sources verify and, in runner dispatch, the runner's load
-(``runner``: working, waiting, resuming, queued runs and their limits).
+``GET /healthz`` shows which sources verify and, in runner dispatch, the runners' queue and
+each runner's last reported load (``runner``: queued runs, and per runner its working,
+waiting, resuming and queued runs and their limits).
+
+``POST /runner/claim``, ``/runner/heartbeat``, ``/runner/done``: the runner processes' side
+(:mod:`gateway.runner`), in runner dispatch only, each with Bearer
+``RUNBOOKS_GATEWAY_RUNNER_TOKEN``; left out of the OpenAPI page.
 
 Bad input never yields a 5xx: parser failures of any kind are 4xx.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,7 +51,7 @@ from gateway.errors import AuthError, NotAnAlert, NotUtf8Error, PayloadError, Ru
 from gateway.models import SOURCES, Alert, Delivery
 from gateway.settings import GatewaySettings
 from gateway.signatures import authenticate
-from gateway.slots import RunnerLoad
+from gateway.runner import ClaimRequest, Claims, Heartbeat, RunDone
 from gateway.sources import PARSERS, Parser
 
 log = logging.getLogger("gateway")
@@ -66,16 +73,27 @@ class Intake(Protocol):
     async def accept(self, alerts: list[Alert], delivery: Delivery) -> dict[str, Any]: ...
 
 
+class RunnerQueue(Protocol):
+    """What runners call (``gateway.intake.Dispatcher`` in runner dispatch)."""
+
+    def load(self) -> dict[str, Any]: ...
+    def claim(self, runner: str, limit: int, wait_s: float) -> Claims: ...
+    def heartbeat(self, beat: Heartbeat) -> list[str]: ...
+    def done(self, report: RunDone) -> None: ...
+
+
 class _BodyTooLarge(Exception):
     pass
 
 
 def create_app(settings: GatewaySettings, intake: Intake,
                parsers: Mapping[str, Parser] | None = None,
-               runner_load: Callable[[], RunnerLoad] | None = None) -> FastAPI:
+               runners: RunnerQueue | None = None,
+               runner_load: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
     """The gateway's app. Raises GatewayConfigError when a source would go unverified
     without being allowed to (see the settings). ``parsers``: default :data:`PARSERS`.
-    ``runner_load``: the runner's load for ``/healthz`` (runner dispatch only)."""
+    ``runners``: the queue runner processes take runs from (runner dispatch only; needs
+    ``settings.runner_token``). ``runner_load``: for ``/healthz`` (default: the queue's)."""
     settings.check_can_start()
     parsers = PARSERS if parsers is None else parsers
     app = FastAPI(title="Incident runbooks alert gateway", version="1",
@@ -92,9 +110,13 @@ def create_app(settings: GatewaySettings, intake: Intake,
     async def healthz() -> dict[str, Any]:
         health: dict[str, Any] = {"status": "ok", "sources": list(SOURCES),
                                   "verification": settings.verification_enabled()}
-        if runner_load is not None:
-            health["runner"] = runner_load().model_dump()
+        load = runner_load or (runners.load if runners is not None else None)
+        if load is not None:
+            health["runner"] = load()
         return health
+
+    if runners is not None:
+        _runner_routes(app, settings, runners)
 
     for source in SOURCES:
         app.add_api_route(
@@ -105,6 +127,43 @@ def create_app(settings: GatewaySettings, intake: Intake,
                 "application/json": {"schema": {"type": "object"}}}}},
         )
     return app
+
+
+def _runner_routes(app: FastAPI, settings: GatewaySettings, runners: RunnerQueue) -> None:
+    if settings.runner_token is None:
+        from gateway.errors import GatewayConfigError
+
+        raise GatewayConfigError("runner dispatch needs RUNBOOKS_GATEWAY_RUNNER_TOKEN: the runners "
+                                 "(`python -m gateway runner`) present it to take runs; `make up` "
+                                 "generates one")
+    expected = f"Bearer {settings.runner_token.get_secret_value()}".encode()
+    long_polls = anyio.CapacityLimiter(64)  # runners' claims wait in threads of their own
+
+    def authorized(request: Request) -> bool:
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+
+    refused = lambda: _error(401, "unauthorized", "runner endpoints need Bearer "  # noqa: E731
+                             "RUNBOOKS_GATEWAY_RUNNER_TOKEN")
+
+    @app.post("/runner/claim", include_in_schema=False)
+    async def claim(request: Request, body: ClaimRequest) -> Any:
+        if not authorized(request):
+            return refused()
+        return await anyio.to_thread.run_sync(runners.claim, body.runner, body.limit, body.wait_s,
+                                              limiter=long_polls)
+
+    @app.post("/runner/heartbeat", include_in_schema=False)
+    async def heartbeat(request: Request, body: Heartbeat) -> Any:
+        if not authorized(request):
+            return refused()
+        return {"held": await anyio.to_thread.run_sync(runners.heartbeat, body)}
+
+    @app.post("/runner/done", include_in_schema=False)
+    async def done(request: Request, body: RunDone) -> Any:
+        if not authorized(request):
+            return refused()
+        await anyio.to_thread.run_sync(runners.done, body)
+        return {"ok": True}
 
 
 def _endpoint(source: str, settings: GatewaySettings, intake: Intake, parse: Parser):

@@ -4,9 +4,10 @@ Two ways to start a scenario's deployment for a new incident (``RUNBOOKS_GATEWAY
 
 * ``runner`` (default): the gateway creates the flow run from the deployment (so it is
   the deployment's run in the UI, with its parameters) in state Pending - workers only
-  take Scheduled runs - and executes it at once in this long-lived process's thread pool.
-  No worker poll, no new Python process: the first task runs well under a second
-  after the alert. Measured in ``bench/alert_intake.py``.
+  take Scheduled runs - and queues it in its store; a runner process (``gateway.runner``)
+  claims it at once and executes it in a thread. No worker poll, no new Python process:
+  the first task runs well under a second after the alert, and the intake never waits
+  behind running remediations. Measured in ``bench/alert_intake.py``.
 * ``shadow``: intake, dedup and routing as usual, incidents recorded, nothing started
   (to trial new routes against live alerts; also what the storm benchmark measures).
 * ``automation``: Prefect's default path. The gateway emits ``runbooks.incident.dispatch``
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from uuid import UUID
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any, Literal
 
 import anyio
@@ -34,25 +35,22 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-from prefect.flow_engine import run_flow
 from prefect.flow_runs import resume_flow_run
-from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.input import keyset_from_paused_state
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import Crashed, Pending, State
+from prefect.states import Crashed, Pending
 
 from gateway.errors import RunnerBusy
 from gateway.models import Alert, Delivery
 from gateway.routing import Router
-from gateway.slots import RunnerLoad, RunnerSlots
+from gateway.runner import DEFAULT_LEASE_S, ClaimedRun, Claims, Heartbeat, RunDone
+from gateway.slots import RunnerLoad
 from gateway.store import AlertStore, TrackedIncident, IntakeResult
 from incident.errors import RunbookError
 from incident.escalation import EscalationNotice
 from incident.inventory import load_target
 from incident.kit import close_run_from_outside
 from incident.record import ALL_ALERTS_RESOLVED, Trigger, add_alert_update
-from incident.settings import REPO_ROOT
-from incident.waiting import register_slot, unregister_slot
 
 log = logging.getLogger("gateway.intake")
 
@@ -77,59 +75,72 @@ def trigger_of(alert: Alert) -> Trigger:
                    labels=alert.labels, links=list(alert.links.values()))
 
 
-@lru_cache(maxsize=32)
-def _flow(entrypoint: str) -> Flow:
-    return load_flow_from_entrypoint(str(REPO_ROOT / entrypoint))
-
-
 class Dispatcher:
     """Starts remediations for new incidents and passes later notifications on.
 
-    Runner mode has two stages so that a busy runner never hides an incident: a small
-    pool creates each flow run at once (Pending, visible in the UI with its incident
-    tags), then the run waits for one of ``max_parallel`` working slots
-    (:class:`gateway.slots.RunnerSlots`). A run that waits (approval, target lock) gives its
-    slot back and keeps only its thread: there are ``max_parallel + max_waiting`` of them.
-    At most ``max_queued`` runs wait for a first slot: beyond that the intake refuses new
-    firing alerts (503, :meth:`refuse_if_busy`) rather than queue without bound.
+    Runner mode: a small pool creates each flow run at once (Pending, visible in the UI with
+    its incident tags) and queues it in the store; runner processes claim queued runs
+    (:meth:`claim`, a long poll), renew their claims while they run (:meth:`heartbeat`) and
+    report the end (:meth:`done`). At most ``max_queued`` runs wait for a runner: beyond that
+    the intake refuses new firing alerts (503, :meth:`refuse_if_busy`) rather than queue
+    without bound. A claim no runner renews is settled by :meth:`settle_expired_claims`.
     """
 
     def __init__(self, store: AlertStore, mode: Literal["runner", "automation", "shadow"] = "runner",
-                 slots: RunnerSlots | None = None) -> None:
+                 max_queued: int = 32, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.store = store
         self.mode = mode
-        self.slots = slots or RunnerSlots()
+        self.max_queued = max_queued
+        self.lease_s = lease_s
         self._starts = ThreadPoolExecutor(4, thread_name_prefix="remediation-start")
-        self._runs = ThreadPoolExecutor(self.slots.max_parallel + self.slots.max_waiting,
-                                        thread_name_prefix="remediation")
         self._notes = ThreadPoolExecutor(4, thread_name_prefix="alert-update")
         self._deployments: dict[str, Any] = {}
+        self._creating = 0  # runs being created: they count as queued
+        self._queue = threading.Condition()  # notified when a run is queued or the gateway stops
+        self._closed = False
+        self._runners: dict[str, tuple[float, RunnerLoad]] = {}  # name -> (last heartbeat, load)
+        #: runners get runs only once ``recover`` has settled what a previous gateway left
+        self.recovered = threading.Event()
+        if mode != "runner":
+            self.recovered.set()
 
     def shutdown(self) -> None:
-        """Let running (and waiting) remediations finish; drop queued ones - they stay open in
-        the store (and Pending in Prefect) and the next start's ``recover`` runs them."""
+        """Stop creating runs; queued ones stay queued in the store (and Pending in Prefect):
+        runners take them from the next gateway. Long polls end at once."""
+        with self._queue:
+            self._closed = True
+            self._queue.notify_all()
         self._starts.shutdown(wait=True, cancel_futures=True)
         self._notes.shutdown(wait=True)
-        self.slots.close()
-        self._runs.shutdown(wait=True, cancel_futures=True)
 
-    def load(self) -> RunnerLoad:
-        """How many runs work, wait and queue in this runner (runner mode; ``/healthz``)."""
-        return self.slots.load()
+    def load(self) -> dict[str, Any]:
+        """The runners' queue and each runner's last reported load (``/healthz``)."""
+        now = time.monotonic()
+        with self._queue:
+            runners = {name: {"seen_s_ago": round(now - seen, 1), **load.model_dump()}
+                       for name, (seen, load) in self._runners.items()
+                       if now - seen < 3 * self.lease_s}
+            creating = self._creating
+        return {"queued": self.store.queued_runs() + creating, "max_queued": self.max_queued,
+                "runners": runners}
 
     def refuse_if_busy(self, firing: int) -> None:
-        """Raise RunnerBusy when the runner's queue is full (runner mode): a delivery with
+        """Raise RunnerBusy when the runners' queue is full (runner mode): a delivery with
         ``firing`` alerts that may open incidents is refused before anything is recorded, so
         the sender's retry is news, not a duplicate."""
-        if self.mode != "runner" or not self.slots.full():
+        if self.mode != "runner":
             return
-        load = self.slots.load()
+        with self._queue:
+            creating = self._creating
+        queued = self.store.queued_runs() + creating
+        if queued < self.max_queued:
+            return
         raise RunnerBusy(
-            f"the runner has {load.queued} runs queued for a slot (RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS="
-            f"{load.max_queued}), {load.working} of {load.max_parallel} working and {load.waiting} waiting; "
+            f"{queued} runs are queued for a runner (RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS={self.max_queued}); "
             f"the delivery ({firing} firing alerts) was not recorded: deliver it again after "
-            f"{RETRY_AFTER_S} s (senders that retry on 5xx do). If this lasts, raise "
-            "RUNBOOKS_GATEWAY_MAX_PARALLEL_RUNS or look at what the working runs wait for",
+            f"{RETRY_AFTER_S} s (senders that retry on 5xx do). If this lasts, start more runners "
+            "(`python -m gateway runner`), raise RUNBOOKS_GATEWAY_MAX_PARALLEL_RUNS, or look at what "
+            "the working runs wait for (GET /healthz lists the runners and their load)",
             retry_after_s=RETRY_AFTER_S)
 
     # -- what the intake calls (never blocks the request) ---------------------------------
@@ -142,22 +153,21 @@ class Dispatcher:
             self._notes.submit(self._guard, self._update, outcome.incident, outcome, closes=False)
 
     def _start(self, inc: TrackedIncident, alert: Alert) -> None:
-        """Create and run the incident's run; in runner mode it counts as queued from now
-        until it has a working slot (or its creation fails)."""
-        queued = self.mode == "runner"
-        if queued:
-            self.slots.enqueue()
+        """Create the incident's run (and queue it for a runner); in runner mode it counts as
+        queued from now on."""
+        with self._queue:
+            self._creating += 1
         try:
             self._starts.submit(self._guard, self._open, inc, alert)
         except BaseException:  # the dispatcher is shut down: the next start recovers the incident
-            if queued:
-                self.slots.unqueue()
+            with self._queue:
+                self._creating -= 1
             raise
 
     def _guard(self, fn, inc: TrackedIncident, *args, closes: bool = True) -> None:
-        """Worker-thread boundary: a failure is logged (and, when starting or running, the
-        incident closed with it in the store), then re-raised into the executor's future:
-        nothing is swallowed silently."""
+        """Worker-thread boundary: a failure is logged (and, when starting, the incident closed
+        with it in the store), then re-raised into the executor's future: nothing is
+        swallowed silently."""
         try:
             fn(inc, *args)
         except Exception as exc:
@@ -168,35 +178,33 @@ class Dispatcher:
 
     # -- opening ------------------------------------------------------------------------
     def _open(self, inc: TrackedIncident, alert: Alert) -> None:
-        params = {"target": inc.target, "incident_id": inc.incident_id,
-                  "trigger": trigger_of(alert).model_dump(mode="json")}
-        resource = {"prefect.resource.id": f"runbooks.incident.{inc.incident_id}",
-                    "prefect.resource.name": inc.incident_id}
-        flow_name = inc.scenario.split("/", 1)[0]
-        related = [{"prefect.resource.id": f"runbooks.scenario.{flow_name}",
-                    "prefect.resource.role": "scenario"},
-                   {"prefect.resource.id": f"runbooks.service.{inc.target}",
-                    "prefect.resource.role": "service"}]
-        if self.mode == "automation":
-            emit_event(DISPATCH_EVENT, resource=resource, related=related, payload=params)
-            return
         try:
+            params = {"target": inc.target, "incident_id": inc.incident_id,
+                      "trigger": trigger_of(alert).model_dump(mode="json")}
+            resource = {"prefect.resource.id": f"runbooks.incident.{inc.incident_id}",
+                        "prefect.resource.name": inc.incident_id}
+            flow_name = inc.scenario.split("/", 1)[0]
+            related = [{"prefect.resource.id": f"runbooks.scenario.{flow_name}",
+                        "prefect.resource.role": "scenario"},
+                       {"prefect.resource.id": f"runbooks.service.{inc.target}",
+                        "prefect.resource.role": "service"}]
+            if self.mode == "automation":
+                emit_event(DISPATCH_EVENT, resource=resource, related=related, payload=params)
+                return
             emit_event(OPENED_EVENT, resource=resource, related=related, payload=params)
             deployment = self._deployment(inc.scenario)
             run = self._create_run(inc, deployment.id, params, [f"alert:{alert.source}"], self._queue_note())
-            self.store.set_flow_run(inc.incident_id, str(run.id))
-            self._runs.submit(self._guard, self._execute, inc, run, deployment.entrypoint)
-        except BaseException:
-            self.slots.unqueue()  # it will not run: it must not hold a place in the queue
-            raise
+            self.store.set_flow_run(inc.incident_id, str(run.id))  # queued: a runner may claim it now
+        finally:
+            with self._queue:
+                self._creating -= 1
+                self._queue.notify_all()
 
     def _queue_note(self) -> str:
-        """The new run's Pending message: whether it waits for a working slot."""
-        load = self.slots.load()
-        if load.working + load.resuming < load.max_parallel:
-            return "started by the alert gateway"
-        return (f"started by the alert gateway; queued: all {load.max_parallel} runner slots are "
-                f"busy, {load.queued - 1} other runs queued")
+        """The new run's Pending message: how many runs wait for a runner before it."""
+        ahead = self.store.queued_runs()
+        return ("started by the alert gateway; queued for a runner"
+                + (f" ({ahead} runs ahead of it)" if ahead else ""))
 
     def _create_run(self, inc: TrackedIncident, deployment_id, params: dict, tags: list[str],
                     message: str) -> FlowRun:
@@ -223,45 +231,102 @@ class Dispatcher:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _execute(self, inc: TrackedIncident, run: FlowRun, entrypoint: str) -> None:
-        """Run the flow once it has a working slot; its waits give the slot back
-        (``incident.waiting``), so a paused run keeps only its thread."""
-        run_id = str(run.id)
-        slot = self.slots.start(run_id)
-        if slot is None:
-            log.info("the gateway stops: run %s of %s never started; it stays Pending and the "
-                     "next start of the gateway runs it", run_id, inc.incident_id)
+    # -- the runners' side --------------------------------------------------------------
+    def claim(self, runner: str, limit: int, wait_s: float) -> Claims:
+        """Up to ``limit`` queued runs for ``runner``, waiting up to ``wait_s`` for one."""
+        deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
+        if not self.recovered.wait(max(0.0, deadline - time.monotonic())):
+            return Claims(runs=[], lease_s=self.lease_s)
+        while True:
+            claimed = self.store.claim_runs(runner, max(1, limit), self.lease_s)
+            if claimed:
+                runs = [ClaimedRun(incident_id=i.incident_id, flow_run_id=str(i.flow_run_id),
+                                   scenario=i.scenario, target=i.target,
+                                   entrypoint=self._deployment(i.scenario).entrypoint) for i in claimed]
+                log.info("runner %s claimed %s", runner, ", ".join(r.incident_id for r in runs))
+                return Claims(runs=runs, lease_s=self.lease_s)
+            with self._queue:
+                remaining = deadline - time.monotonic()
+                if self._closed or remaining <= 0:
+                    return Claims(runs=[], lease_s=self.lease_s)
+                self._queue.wait(min(remaining, 5.0))  # notified when a run is queued
+
+    def heartbeat(self, beat: Heartbeat) -> list[str]:
+        """Renew ``beat.runner``'s claims; returns those it still holds."""
+        with self._queue:
+            self._runners[beat.runner] = (time.monotonic(), beat.load)
+        return self.store.renew_claims(beat.runner, beat.incident_ids, self.lease_s)
+
+    def done(self, report: RunDone) -> None:
+        inc = self.store.incident(report.incident_id)
+        if inc is None or inc.status != "open":
             return
-        register_slot(run_id, slot)
-        try:
-            state: State = run_flow(_flow(entrypoint), flow_run=run,  # type: ignore[assignment]
-                                    parameters=run.parameters, return_type="state")
-        finally:
-            unregister_slot(run_id)
-            slot.done()
-        self.store.close_incident(inc.incident_id, state.name or state.type.value)
+        if not report.started:
+            self._settle(inc, f"runner {report.runner} found the run already {report.outcome.split()[-1]} "
+                              "when it claimed it (the process that executed it is gone)")
+            return
+        if inc.runner != report.runner:
+            log.warning("runner %s reports %s ended, but it is %s's claim; closing it anyway",
+                        report.runner, report.incident_id, inc.runner or "no runner")
+        self.store.close_incident(report.incident_id, report.outcome)
+
+    def settle_expired_claims(self) -> dict[str, int]:
+        """Settle the runs of runners that stopped renewing their claims (killed, cut off): a
+        run never started goes back to the queue, an ended one closes its incident, one caught
+        Running or Paused is marked Crashed, its record closed and escalated."""
+        counts = {"requeued": 0, "closed": 0, "crashed": 0}
+        for inc in self.store.expired_claims():
+            try:
+                counts[self._settle(inc, f"its runner {inc.runner} stopped renewing its claim "
+                                         f"(killed or cut off)")] += 1
+            except Exception:
+                log.exception("could not settle %s (claimed by %s); trying again at the next check",
+                              inc.incident_id, inc.runner)
+        if any(counts.values()):
+            log.warning("settled the runs of runners that went away: %s", counts)
+        return counts
+
+    def _settle(self, inc: TrackedIncident, why: str) -> str:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(str(inc.flow_run_id)))
+        state = run.state
+        if state is None or state.is_pending() or state.is_scheduled():
+            self.store.requeue(inc.incident_id)
+            with self._queue:
+                self._queue.notify_all()
+            return "requeued"
+        if state.is_final():
+            self.store.close_incident(inc.incident_id, state.name or state.type.value)
+            return "closed"
+        self._crash_orphan(inc, state.name, why)
+        return "crashed"
 
     # -- after a restart ------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
-        """Runner mode, at start-up: finish what a previous gateway process left open.
+        """Runner mode, at start-up: pick up what a previous gateway process left open.
 
-        Open incidents whose run was never created are started; runs still Pending (created,
-        never executed) are executed; runs already final close their incident; runs left
-        Running or Paused died with the old process - they are marked Crashed and escalated,
-        never re-run blindly (a change may have been half made).
+        Claims get a fresh lease (their runners could not renew while the gateway was away;
+        they renew now, or are settled when it lapses). Open incidents whose run was never
+        created are started; runs still queued stay queued; unclaimed runs already final close
+        their incident; unclaimed runs left Running or Paused (executed by a gateway of an
+        earlier version) are marked Crashed and escalated, never re-run blindly.
         """
-        counts = {"started": 0, "resumed": 0, "closed": 0, "crashed": 0}
+        counts = {"started": 0, "queued": 0, "claimed": 0, "closed": 0, "crashed": 0}
         if self.mode != "runner":
             return counts
         failed: list[str] = []
-        for inc in self.store.open_incidents():
-            try:
-                counts[self._recover_one(inc)] += 1
-            except Exception:
-                log.exception("could not recover %s; it stays open in the store", inc.incident_id)
-                failed.append(inc.incident_id)
+        try:
+            self.store.extend_claims(self.lease_s)
+            for inc in self.store.open_incidents():
+                try:
+                    counts[self._recover_one(inc)] += 1
+                except Exception:
+                    log.exception("could not recover %s; it stays open in the store", inc.incident_id)
+                    failed.append(inc.incident_id)
+        finally:
+            self.recovered.set()  # runs that could not be settled are refused by the runners
         if any(counts.values()):
-            log.warning("recovered open incidents after a restart: %s", counts)
+            log.warning("open incidents after a restart: %s", counts)
         if failed:
             raise RuntimeError(f"{len(failed)} open incidents could not be recovered ({', '.join(failed)}); "
                                "see the log above, fix the cause and restart the gateway")
@@ -271,26 +336,21 @@ class Dispatcher:
         if inc.flow_run_id is None:
             self._start(inc, self.store.first_alert(inc.incident_id))
             return "started"
+        if inc.runner is not None:
+            return "claimed"
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(UUID(inc.flow_run_id))
         state = run.state
         if state is None or state.is_pending() or state.is_scheduled():
-            entrypoint = self._deployment(inc.scenario).entrypoint
-            self.slots.enqueue()
-            try:
-                self._runs.submit(self._guard, self._execute, inc, run, entrypoint)
-            except BaseException:
-                self.slots.unqueue()
-                raise
-            return "resumed"
+            return "queued"
         if state.is_final():
             self.store.close_incident(inc.incident_id, state.name or state.type.value)
             return "closed"
-        self._crash_orphan(inc, state.name)
+        self._crash_orphan(inc, state.name, "the alert gateway restarted")
         return "crashed"
 
-    def _crash_orphan(self, inc: TrackedIncident, was: str | None) -> None:
-        why = (f"the alert gateway restarted while this run was {was or 'executing'}; it will not "
+    def _crash_orphan(self, inc: TrackedIncident, was: str | None, cause: str) -> None:
+        why = (f"{cause} while this run was {was or 'executing'}; it will not "
                "continue. Check the target's health and the record's last action, then run the "
                "deployment again by hand if it still needs fixing")
         with get_client(sync_client=True) as client:
@@ -302,7 +362,7 @@ class Dispatcher:
             incident_id=inc.incident_id, scenario=inc.scenario.split("/")[0], target=inc.target,
             environment=_environment_of(inc.target), severity=inc.severity, reason=why,
             flow_run_id=inc.flow_run_id or "", outcome="failed"))
-        self.store.close_incident(inc.incident_id, "Crashed (gateway restarted)")
+        self.store.close_incident(inc.incident_id, f"Crashed ({cause})")
 
     def _deployment(self, name: str):
         if name not in self._deployments:

@@ -70,19 +70,30 @@ class GatewaySettings(BaseSettings):
     store: Path | None = Field(
         default=None, description="Intake database (SQLite); default <state dir>/gateway/alerts.db.")
     dispatch: Literal["runner", "automation", "shadow"] = Field(
-        default="runner", description="runner: start flow runs in the gateway's long-lived runner "
-        "(fast); automation: emit an event for the prefect.yaml deployment trigger; shadow: "
-        "record and decide (incidents, dedup) but start nothing.")
+        default="runner", description="runner: create each incident's flow run and queue it for the "
+        "runner processes (`python -m gateway runner`, fast); automation: emit an event for the "
+        "prefect.yaml deployment trigger; shadow: record and decide (incidents, dedup) but start "
+        "nothing.")
+    runner_token: SecretStr | None = Field(
+        default=None, description="Bearer token runner processes present to take queued runs "
+        "(runner dispatch needs it; `make up` generates one).")
+    runner_lease_s: float = Field(
+        default=30, gt=0, description="How long a runner's claim on a run holds without a heartbeat "
+        "(runners renew every third of it). A runner silent that long is taken for dead: its runs "
+        "not started go back to the queue, its running ones are closed as Crashed and escalated.")
+    gateway_url: str | None = Field(
+        default=None, description="Where a runner finds the gateway (default http://HOST:PORT of "
+        "these settings).")
     max_parallel_runs: int = Field(
-        default=16, ge=1, description="Runs the runner lets work at once (runner dispatch). A run "
+        default=16, ge=1, description="Runs each runner lets work at once. A run "
         "that waits (for an approval, for another run's lock on its target) gives its slot back "
         "meanwhile, so paused runs do not block new incidents.")
     max_waiting_runs: int = Field(
         default=64, ge=0, description="Runs that may wait (approval, target lock) beside the working "
-        "ones (runner dispatch): the runner has max_parallel_runs + max_waiting_runs threads, and a "
-        "waiting run keeps its thread. When they are all taken, new runs queue.")
+        "ones in each runner: a runner has max_parallel_runs + max_waiting_runs threads, and a "
+        "waiting run keeps its thread. A runner takes new runs only while it has a free slot.")
     max_queued_runs: int = Field(
-        default=32, ge=1, description="Runs that may queue for a first working slot (runner dispatch). "
+        default=32, ge=1, description="Runs that may queue at the gateway for a runner (runner dispatch). "
         "When that many queue, deliveries carrying a firing alert are refused with 503 and "
         "Retry-After, before anything is recorded, so the sender delivers them again later; "
         "deliveries of resolved alerts only are still accepted.")
@@ -127,7 +138,7 @@ class GatewaySettings(BaseSettings):
 
     @field_validator("alertmanager_bearer_token", "alertmanager_basic_password", "grafana_secret",
                      "sentry_client_secret", "pagerduty_secret", "opsgenie_secret",
-                     "cloudevents_bearer_token")
+                     "cloudevents_bearer_token", "runner_token")
     @classmethod
     def _not_empty(cls, value: SecretStr | None, info) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():

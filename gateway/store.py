@@ -52,7 +52,7 @@ log = logging.getLogger("gateway.store")
 Disposition = Literal["opened", "attached", "duplicate", "unrouted", "resolved", "resolved-partial",
                       "resolved-unknown", "acknowledged"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PRUNE_EVERY = timedelta(hours=1)
 
 SCHEMA = """
@@ -70,13 +70,15 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id TEXT PRIMARY KEY, source TEXT NOT NULL, episode_key TEXT NOT NULL,
     fingerprint TEXT NOT NULL, scenario TEXT NOT NULL, target TEXT NOT NULL,
     severity TEXT NOT NULL, status TEXT NOT NULL, opened_at TEXT NOT NULL, resolved_at TEXT,
-    closed_at TEXT, outcome TEXT, flow_run_id TEXT);
+    closed_at TEXT, outcome TEXT, flow_run_id TEXT, runner TEXT, lease_until TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS one_incident_per_unresolved_episode
     ON incidents(source, episode_key) WHERE resolved_at IS NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_incident_per_alert
     ON incidents(fingerprint) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS incidents_by_episode ON incidents(source, episode_key);
 CREATE INDEX IF NOT EXISTS open_incidents_by_target ON incidents(scenario, target) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS runs_for_runners ON incidents(opened_at)
+    WHERE status = 'open' AND flow_run_id IS NOT NULL AND runner IS NULL;
 CREATE TABLE IF NOT EXISTS incident_alerts (
     id INTEGER PRIMARY KEY, incident_id TEXT NOT NULL REFERENCES incidents(incident_id),
     source TEXT NOT NULL, episode_key TEXT NOT NULL, fingerprint TEXT NOT NULL, summary TEXT,
@@ -168,6 +170,10 @@ class TrackedIncident(BaseModel):
     closed_at: datetime | None = None
     outcome: str | None = None
     flow_run_id: str | None = None
+    runner: str | None = None
+    """the runner process that claimed the run (None: queued for a runner, or not created yet)"""
+    lease_until: datetime | None = None
+    """until when the runner's claim holds unless it renews it"""
 
 
 class JoinedAlert(BaseModel):
@@ -260,7 +266,7 @@ class AlertStore:
 
     def _migrate(self) -> None:
         """Bring the file to SCHEMA_VERSION, in one transaction: a new store is created, an
-        older one migrated step by step (1 -> 2 -> 3)."""
+        older one migrated step by step (1 -> 2 -> 3 -> 4)."""
         db = self._db
         with self._lock:
             db.execute("BEGIN IMMEDIATE")
@@ -268,6 +274,8 @@ class AlertStore:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 migrated_from = version if version < SCHEMA_VERSION and "incidents" in tables else None
+                if migrated_from is not None:
+                    self._migrate_to_4(db)  # first: the schema's index on them needs the columns
                 if migrated_from is None and version < SCHEMA_VERSION:
                     for statement in (s.strip() for s in SCHEMA.split(";")):
                         if statement:
@@ -277,6 +285,10 @@ class AlertStore:
                 if migrated_from is not None and migrated_from < 3:
                     for statement in _MIGRATE_FROM_2:
                         db.execute(statement)
+                if migrated_from is not None:  # indexes new since (all IF NOT EXISTS)
+                    for statement in (s.strip() for s in SCHEMA.split(";")):
+                        if statement:
+                            db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")
             except BaseException:
@@ -286,9 +298,18 @@ class AlertStore:
             db.execute("VACUUM")  # the dropped payload fields must not linger in free pages
             log.warning("migrated the intake store %s from schema 1: payload fields beyond the "
                         "normalised alert dropped", self.path)
-        if migrated_from is not None:
+        if migrated_from is not None and migrated_from < 3:
             log.warning("migrated the intake store %s to schema %d: the alerts that joined each "
                         "incident are back-filled (its opening alert and re-fires)", self.path, SCHEMA_VERSION)
+
+    @staticmethod
+    def _migrate_to_4(db: sqlite3.Connection) -> None:
+        """Schema 4: which runner process claimed an incident's run, and until when its claim
+        holds (a runner renews it while it runs; an expired claim is the gateway's to settle)."""
+        columns = {r[1] for r in db.execute("PRAGMA table_info(incidents)")}
+        for column in ("runner", "lease_until"):
+            if column not in columns:
+                db.execute(f"ALTER TABLE incidents ADD COLUMN {column} TEXT")
 
     @staticmethod
     def _migrate_from_1(db: sqlite3.Connection) -> None:
@@ -489,8 +510,71 @@ class AlertStore:
     def close_incident(self, incident_id: str, outcome: str) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE incidents SET status = 'closed', closed_at = ?, outcome = ?"
+                "UPDATE incidents SET status = 'closed', closed_at = ?, outcome = ?, lease_until = NULL"
                 " WHERE incident_id = ?", (_ts(_now()), outcome, incident_id))
+
+    # -- the runners' queue: open incidents whose run is created and not claimed ---------------
+    def claim_runs(self, runner: str, limit: int, lease_s: float) -> list[TrackedIncident]:
+        """Give ``runner`` up to ``limit`` queued runs, oldest first, each claimed until
+        now + ``lease_s`` (one transaction: two runners never get the same run)."""
+        until = _ts(_now() + timedelta(seconds=lease_s))
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "UPDATE incidents SET runner = ?, lease_until = ? WHERE incident_id IN"
+                    " (SELECT incident_id FROM incidents WHERE status = 'open' AND flow_run_id IS NOT NULL"
+                    "  AND runner IS NULL ORDER BY opened_at LIMIT ?) RETURNING *",
+                    (runner, until, limit)).fetchall()
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return sorted((TrackedIncident.model_validate(dict(r)) for r in rows), key=lambda i: i.opened_at)
+
+    def renew_claims(self, runner: str, incident_ids: list[str], lease_s: float) -> list[str]:
+        """Extend ``runner``'s claims on these open incidents; returns the ids it still holds
+        (one it no longer holds was settled by the gateway: its run must not go on)."""
+        until = _ts(_now() + timedelta(seconds=lease_s))
+        held: list[str] = []
+        with self._lock:
+            for incident_id in incident_ids:
+                cur = self._db.execute(
+                    "UPDATE incidents SET lease_until = ? WHERE incident_id = ? AND runner = ?"
+                    " AND status = 'open'", (until, incident_id, runner))
+                if cur.rowcount:
+                    held.append(incident_id)
+        return held
+
+    def extend_claims(self, lease_s: float) -> int:
+        """Give every open claim ``lease_s`` from now (a gateway that was down could not
+        renew them: its runners get the time to renew before any claim counts as lost)."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE incidents SET lease_until = ? WHERE status = 'open' AND runner IS NOT NULL",
+                (_ts(_now() + timedelta(seconds=lease_s)),)).rowcount
+
+    def expired_claims(self) -> list[TrackedIncident]:
+        """Open incidents whose runner stopped renewing its claim (died, or cut off)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM incidents WHERE status = 'open' AND runner IS NOT NULL"
+                " AND lease_until < ? ORDER BY opened_at", (_ts(_now()),)).fetchall()
+        return [TrackedIncident.model_validate(dict(r)) for r in rows]
+
+    def requeue(self, incident_id: str) -> None:
+        """Put a claimed run back in the queue (its runner died before it started it)."""
+        with self._lock:
+            self._db.execute("UPDATE incidents SET runner = NULL, lease_until = NULL"
+                             " WHERE incident_id = ? AND status = 'open'", (incident_id,))
+
+    def queued_runs(self) -> int:
+        """Runs created and not yet claimed by a runner."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM incidents WHERE status = 'open' AND flow_run_id IS NOT NULL"
+                " AND runner IS NULL").fetchone()[0]
 
     def incident(self, incident_id: str) -> TrackedIncident | None:
         with self._lock:

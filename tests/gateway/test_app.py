@@ -8,11 +8,13 @@ import hmac
 import json
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
+from gateway.__main__ import service_down_alert
 from gateway.app import create_app
 from gateway.intake_memory import RecordingIntake
 from gateway.models import SOURCES, Alert, Delivery
@@ -355,18 +357,22 @@ def test_odd_content_length_headers_are_never_a_server_error(length):
 
 @pytest.fixture
 def busy_gateway(tmp_path):
-    """The real intake (store, router, runner-mode dispatcher) with its runner's queue full:
-    one run queued for a slot, at most one may queue."""
+    """The real intake (store, router, runner-mode dispatcher) with the runners' queue full:
+    one run queued for a runner, at most one may queue. Yields the app, the store and what
+    the store held before the test."""
     from gateway.intake import AlertIntake, Dispatcher
-    from gateway.slots import RunnerSlots
     from gateway.store import AlertStore
 
     store = AlertStore(tmp_path / "alerts.db")
-    slots = RunnerSlots(max_parallel=1, max_waiting=0, max_queued=1)
-    dispatcher = Dispatcher(store, mode="runner", slots=slots)
-    intake = AlertIntake(store, Router.from_file(REPO_ROOT / "routes.yaml"), dispatcher)
-    app = create_app(GatewaySettings(insecure_sources=list(SOURCES)), intake, runner_load=dispatcher.load)
-    slots.enqueue()
+    dispatcher = Dispatcher(store, mode="runner", max_queued=1)
+    router = Router.from_file(REPO_ROOT / "routes.yaml")
+    intake = AlertIntake(store, router, dispatcher)
+    app = create_app(GatewaySettings(insecure_sources=list(SOURCES), runner_token="t" * 20), intake,
+                     runners=dispatcher)
+    [alert] = PARSERS["alertmanager"](json.dumps(service_down_alert("api")).encode(), {})
+    [queued] = store.record_delivery(Delivery(source="alertmanager", received_at=datetime.now(UTC)),
+                                     [alert], router.route_all([alert]))
+    store.set_flow_run(queued.incident.incident_id, "a-queued-run")
     yield app, store
     dispatcher.shutdown()
     store.close()
@@ -381,7 +387,8 @@ def test_a_full_runner_queue_refuses_firing_alerts_with_503_and_records_nothing(
     body = response.json()
     assert body["error"] == "runner busy"
     assert "RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS=1" in body["detail"] and "again" in body["detail"]
-    assert store.recent_alerts() == [] and store.counts() == {"incidents": 0}, "the retry must not be a duplicate"
+    assert len(store.recent_alerts()) == 1 and store.counts() == {"opened": 1, "incidents": 1}, \
+        "nothing recorded: the retry must not be a duplicate"
 
 
 def test_a_full_runner_queue_still_accepts_resolves_and_acknowledgements(busy_gateway):
@@ -392,14 +399,12 @@ def test_a_full_runner_queue_still_accepts_resolves_and_acknowledgements(busy_ga
     acked = call(app, "POST", "/alerts/pagerduty", payload("pagerduty/zulip_acknowledged_v3.json"), JSON)
     assert acked.status_code == 202, acked.text
     assert acked.json()["intake"]["alerts"][0]["disposition"] == "acknowledged"
-    assert len(store.recent_alerts()) == 3
+    assert len(store.recent_alerts()) == 1 + 3
 
 
 def test_healthz_shows_the_runners_load(busy_gateway):
     app, _ = busy_gateway
-    assert call(app, "GET", "/healthz").json()["runner"] == {
-        "working": 0, "waiting": 0, "resuming": 0, "queued": 1,
-        "max_parallel": 1, "max_waiting": 0, "max_queued": 1}
+    assert call(app, "GET", "/healthz").json()["runner"] == {"queued": 1, "max_queued": 1, "runners": {}}
     spec = call(app, "GET", "/openapi.json").json()
     assert "Retry-After" in spec["paths"]["/alerts/grafana"]["post"]["responses"]["503"]["headers"]
     without_runner, _ = make()

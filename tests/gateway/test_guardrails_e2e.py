@@ -126,10 +126,13 @@ def test_twenty_runs_waiting_for_approval_leave_the_runner_free_to_heal_a_new_fa
         deployed, healthy_lab, parked_services, state_dir: Path):
     settings = GatewaySettings(port=free_port(), store=state_dir / "gateway-busy" / "alerts.db",
                                insecure_sources=list(SOURCES), max_parallel_runs=2,
-                               max_waiting_runs=24, max_queued_runs=8, sweep_interval_s=0)
+                               max_waiting_runs=24, max_queued_runs=8, sweep_interval_s=0,
+                               runner_lease_s=3)  # the runner reports its load every second
     with serving(settings) as url:
         def load() -> dict:
-            return httpx.get(f"{url}/healthz", timeout=10).json()["runner"]
+            """The (one, embedded) runner's load, as it last reported it to the gateway."""
+            return httpx.get(f"{url}/healthz", timeout=10).json()["runner"]["runners"].get(
+                "embedded-1", {"waiting": -1, "working": -1})
 
         waiters = _many_down(parked_services)
         resp = _post(url, "alertmanager", waiters, settings)

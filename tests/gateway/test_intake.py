@@ -205,7 +205,7 @@ def test_restarted_gateway_finishes_what_the_last_one_left_open(deployed, health
         crashed = _incident((settings, url), left_running.incident_id, lambda i: i.status == "closed")
     assert started.outcome == "Already Fine" and started.flow_run_id, started
     assert executed.outcome == "Already Fine", executed
-    assert crashed.outcome == "Crashed (gateway restarted)", crashed
+    assert crashed.outcome == "Crashed (the alert gateway restarted)", crashed
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(orphan_run).state
         trigger = client.read_flow_run(started.flow_run_id).parameters["trigger"]

@@ -14,7 +14,7 @@ from gateway.__main__ import service_down_alert
 from gateway.models import Delivery
 from gateway.routing import Router
 from gateway.sources import PARSERS
-from gateway.store import AlertStore
+from gateway.store import SCHEMA_VERSION, AlertStore
 from incident.settings import REPO_ROOT
 from tests.gateway.conftest import payload
 
@@ -418,7 +418,7 @@ def test_a_store_of_schema_2_gets_the_joined_alerts_of_its_incidents(tmp_path):
     store = AlertStore(path)
     assert _mode(path) == 0o600
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert [(j.episode_key, j.summary, j.resolved_at) for j in store.joined_alerts("INC-OPEN")] == [
         (first.episode_key, first.summary, None), (refire.episode_key, refire.summary, None)]
     [done] = store.joined_alerts("INC-DONE")
@@ -434,3 +434,60 @@ def test_a_store_of_schema_2_gets_the_joined_alerts_of_its_incidents(tmp_path):
     assert (last.disposition, last.incident.incident_id) == ("resolved", "INC-OPEN")
     store.close()
     AlertStore(path).close()  # at the current schema: opening it again changes nothing
+
+
+# -- the runners' queue ---------------------------------------------------------------------
+
+def _queued(store, service: str, run_id: str):
+    """An incident whose run is created and waits for a runner."""
+    inc = _deliver(store, _alerts(service))[0].incident
+    store.set_flow_run(inc.incident_id, run_id)
+    return inc
+
+
+def test_each_queued_run_is_claimed_by_one_runner_oldest_first(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    first, second = _queued(store, "web", "run-1"), _queued(store, "api", "run-2")
+    _deliver(store, _alerts("zulip-integration-testing"))  # no run yet: not for runners
+    assert store.queued_runs() == 2
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda i: store.claim_runs(f"runner-{i}", 1, 30), range(8)))
+    taken = [(c[0].incident_id, c[0].runner) for c in claims if c]
+    assert sorted(i for i, _ in taken) == sorted([first.incident_id, second.incident_id])
+    assert len({r for _, r in taken}) == 2, "two runners, one run each"
+    assert store.queued_runs() == 0 and store.claim_runs("late", 5, 30) == []
+
+
+def test_a_claim_lapses_unless_renewed_and_a_lapsed_run_can_be_queued_again(tmp_path):
+    store = AlertStore(tmp_path / "a.db")
+    inc = _queued(store, "web", "run-1")
+    [claimed] = store.claim_runs("r1", 4, lease_s=0.05)
+    assert claimed.runner == "r1" and claimed.lease_until is not None
+    assert store.renew_claims("r2", [inc.incident_id], 30) == [], "only its holder renews a claim"
+    import time
+    time.sleep(0.1)
+    assert [i.incident_id for i in store.expired_claims()] == [inc.incident_id]
+    assert store.renew_claims("r1", [inc.incident_id], 30) == [inc.incident_id]
+    assert store.expired_claims() == []
+    store.requeue(inc.incident_id)
+    assert store.queued_runs() == 1 and store.claim_runs("r2", 1, 30)[0].runner == "r2"
+    store.close_incident(inc.incident_id, "Completed")
+    assert store.renew_claims("r2", [inc.incident_id], 30) == [], "a closed incident holds no claim"
+
+
+def test_a_store_of_schema_3_gains_the_runner_columns(tmp_path):
+    path = tmp_path / "a.db"
+    store = AlertStore(path)
+    inc = _queued(store, "web", "run-1")
+    store.close()
+    with sqlite3.connect(path) as db:  # back to schema 3: no runner columns, no queue index
+        db.execute("DROP INDEX runs_for_runners")
+        db.execute("ALTER TABLE incidents DROP COLUMN lease_until")
+        db.execute("ALTER TABLE incidents DROP COLUMN runner")
+        db.execute("PRAGMA user_version = 3")
+    store = AlertStore(path)
+    assert store.queued_runs() == 1
+    assert store.claim_runs("r1", 1, 30)[0].incident_id == inc.incident_id
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'runs_for_runners'").fetchone()
