@@ -46,7 +46,7 @@ from lab.proc import Procs, cmdline, expect_cmdline, pid_alive, port_in_use, tai
 
 DATABASES = ("sqlite", "postgres")
 #: the default of RUNBOOKS_PREFECT_DATABASE (the one place to change it)
-DEFAULT_DATABASE = "sqlite"
+DEFAULT_DATABASE = "postgres"
 SETTING = "RUNBOOKS_PREFECT_DATABASE"
 ROLE = DBNAME = "prefect"
 NAME = "prefect-postgres"  # its pidfile: <state>/pids/prefect-postgres.pid

@@ -241,6 +241,31 @@ def spawn_gateway(env: dict[str, str], state: Path, port: int, settings: dict[st
     return pid
 
 
+def runner_count() -> int:
+    """How many runner processes ``make up`` starts (``RUNBOOKS_RUNNERS``, default 2)."""
+    raw = os.environ.get("RUNBOOKS_RUNNERS", "2")
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise StackError(f"RUNBOOKS_RUNNERS={raw!r}: give the number of runner processes, 1 to 64")
+    return int(raw)
+
+
+def start_runners(env: dict[str, str], state: Path, gateway_url: str, count: int) -> list[int]:
+    """``count`` runner processes (``python -m gateway runner``) taking runs from the gateway;
+    the gateway's secrets (the runner token among them) come from ``<state>/gateway/local.json``."""
+    from gateway.local import load_local, local_state_path
+
+    local = load_local(local_state_path(state))
+    if local is None:
+        raise StackError("the gateway's secrets are missing (<state>/gateway/local.json): run `make up`")
+    renv = {**env, **local.env}
+    return [_spawn(f"runner-{i}", [sys.executable, "-m", "gateway", "runner", "--gateway", gateway_url],
+                   renv, state) for i in range(1, count + 1)]
+
+
+def _runner_names(state: Path) -> list[str]:
+    return sorted(p.stem for p in (state / "pids").glob("runner-*.pid"))
+
+
 # -- CLI ------------------------------------------------------------------------------
 def _pid(state: Path, name: str) -> int | None:
     f = state / "pids" / f"{name}.pid"
@@ -255,6 +280,7 @@ def up() -> None:
     settings = get_settings()
     state = settings.state_dir
     database = prefect_db.setting()  # a wrong RUNBOOKS_PREFECT_DATABASE fails before the lab starts
+    runners = runner_count()
     state.mkdir(parents=True, exist_ok=True)
     print("lab: starting dockerd, PostgreSQL, Redis, sshd, the web container, the disk, the "
           "exporters, Prometheus and Alertmanager ...", flush=True)
@@ -296,6 +322,18 @@ def up() -> None:
             gateway = None
     if not (gateway and _alive(gateway)):
         gateway = start_gateway(env, state, lab)
+        for name in _runner_names(state):  # their token may have changed with the gateway's secrets
+            if pid := _pid(state, name):
+                stop_pid(pid)
+            (state / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    alive = [n for n in _runner_names(state) if (pid := _pid(state, n)) and _alive(pid)]
+    if len(alive) != runners:
+        for name in _runner_names(state):
+            if pid := _pid(state, name):
+                stop_pid(pid)
+            (state / "pids" / f"{name}.pid").unlink(missing_ok=True)
+        print(f"runners: starting {runners} (RUNBOOKS_RUNNERS) ...", flush=True)
+        start_runners(env, state, lab.info.gateway_url, runners)
     info = {"ui": f"http://127.0.0.1:{DEFAULT_PORT}", "api": api_url, "prefect_database": database,
             "gateway": lab.info.gateway_url,
             "inventory": str(settings.inventory_path), "lab": lab.info.model_dump(mode="json")}
@@ -307,7 +345,8 @@ Up.
                  the monthly report: incident-metrics/incident-metrics)
   Prefect API    {api_url}   (database: {_DB_NAMES[database]})
   inventory      {settings.inventory_path}
-  alert gateway  {lab.info.gateway_url}/docs   (Alertmanager posts to /alerts/alertmanager;
+  alert gateway  {lab.info.gateway_url}/docs   ({runners} runner processes execute its runs;
+                 Alertmanager posts to /alerts/alertmanager;
                  every source's secret in {state / 'gateway' / 'local.json'}; try
                  `.venv/bin/python -m gateway send-test alertmanager`)
   Prometheus     {lab.info.prometheus_url}   Alertmanager {lab.info.alertmanager_url}
@@ -327,7 +366,7 @@ def down() -> None:
     state = settings.state_dir
     from deployments import prefect_db
 
-    for name in ("alert-gateway", "prefect-worker", "prefect-server"):
+    for name in (*_runner_names(state), "alert-gateway", "prefect-worker", "prefect-server"):
         pid = _pid(state, name)
         if pid:
             stop_pid(pid)
@@ -335,7 +374,7 @@ def down() -> None:
     (state / "pids" / "prefect-server.database").unlink(missing_ok=True)
     pg = prefect_db.stop_postgres(state)  # after the server: it is the server's database
     Lab(settings.lab_dir).down()
-    print("down: stopped the gateway, the worker, the Prefect server"
+    print("down: stopped the runners, the gateway, the worker, the Prefect server"
           + (", its PostgreSQL" if pg else "") + " and the lab")
 
 
@@ -349,7 +388,7 @@ def status() -> None:
     from deployments import prefect_db
 
     state = settings.state_dir
-    for name in ("prefect-server", "prefect-worker", "alert-gateway"):
+    for name in ("prefect-server", "prefect-worker", "alert-gateway", *_runner_names(settings.state_dir)):
         pid = _pid(state, name)
         up = bool(pid and _alive(pid))
         print(f"{name:18} {f'up (pid {pid})' if up else 'down'}"

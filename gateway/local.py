@@ -40,6 +40,10 @@ class LocalGateway(BaseModel):
         return GatewaySettings(**fields)  # type: ignore[arg-type]  # values are validated
 
 
+#: the token the runner processes present to the gateway (``gateway.runner``)
+RUNNER_TOKEN_ENV = env_name("runner_token")
+
+
 def local_state_path(state_dir: Path | None = None) -> Path:
     if state_dir is None:
         from incident.settings import get_settings
@@ -70,9 +74,10 @@ def save_local(path: Path, gateway: LocalGateway) -> None:
 
 def stack_secrets(previous: dict[str, str] | None, alertmanager_token: str,
                   new: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> dict[str, str]:
-    """A secret for every source: the previous ones where they exist, ``new()`` ones otherwise;
+    """A secret for every source, and the runners' token: the previous ones where they exist,
+    ``new()`` ones otherwise;
     Alertmanager's bearer token is the one the lab's Alertmanager presents."""
     previous = previous or {}
-    env = {name: previous.get(name) or new() for name in SECRET_ENV.values()}
+    env = {name: previous.get(name) or new() for name in [*SECRET_ENV.values(), RUNNER_TOKEN_ENV]}
     env[SECRET_ENV["alertmanager"]] = alertmanager_token
     return env

@@ -50,7 +50,7 @@ from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from incident.errors import ApprovalTimedOutError, ConfigurationError
 from incident.escalation import escalate
-from incident.inventory import Target
+from incident.inventory import Target, cached_file, load_yaml
 from incident.record import ALL_ALERTS_RESOLVED, ApprovalRecord, Incident, IncidentRecord
 from incident.settings import get_settings
 from incident.waiting import waiting
@@ -137,7 +137,9 @@ class PolicyFile(BaseModel):
 def load_policies(path: Path | None = None) -> list[AutoApprovalPolicy]:
     path = path or get_settings().policies
     try:
-        return PolicyFile.model_validate(yaml.safe_load(path.read_text()) or {}).policies
+        # parsed again only when the file changed; a new list each call
+        return list(cached_file(path, "policies",
+                                lambda raw: PolicyFile.model_validate(load_yaml(raw) or {}).policies))
     except FileNotFoundError:
         return []
     except (yaml.YAMLError, ValidationError) as exc:

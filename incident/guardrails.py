@@ -38,6 +38,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from incident.errors import ConfigurationError
+from incident.inventory import cached_file, load_yaml
 from incident.record import IncidentRecord
 from incident.settings import get_settings
 
@@ -91,14 +92,19 @@ class GuardrailRules(_Strict):
                                              **self.scenarios.get(scenario, {})})
 
 
+def _parse_rules(raw: bytes) -> GuardrailRules:
+    rules = GuardrailRules.model_validate(load_yaml(raw) or {})
+    for name in rules.scenarios:
+        rules.for_scenario(name)  # every override must be valid, not only the one in use
+    return rules
+
+
 def load_rules(path: Path | None = None) -> GuardrailRules:
-    """The reviewed rules; a missing file means the defaults, a broken one is an error."""
+    """The reviewed rules; a missing file means the defaults, a broken one is an error.
+    Parsed again only when the file changed (a copy each call: callers may not share it)."""
     path = path or get_settings().guardrails
     try:
-        rules = GuardrailRules.model_validate(yaml.safe_load(path.read_text()) or {})
-        for name in rules.scenarios:
-            rules.for_scenario(name)  # every override must be valid, not only the one in use
-        return rules
+        return cached_file(path, "guardrails", _parse_rules).model_copy(deep=True)
     except FileNotFoundError:
         return GuardrailRules()
     except (yaml.YAMLError, ValidationError) as exc:

@@ -51,15 +51,52 @@ runner can read, e.g. a mounted secret) or ``prefect-secret:block-name``.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from incident.errors import ConfigurationError, SecretUnavailableError, UnknownTargetError
 from incident.settings import get_settings
+
+T = TypeVar("T")
+
+#: libyaml's loader when PyYAML was built with it (the pure-Python one takes seconds on a large
+#: inventory); the same safe subset of YAML either way.
+YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """``yaml.safe_load`` with the C loader when available."""
+    return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - a safe loader
+
+
+_FILES: dict[tuple[str, str], tuple[tuple[int, int], bytes, Any]] = {}
+_FILES_LOCK = threading.Lock()
+
+
+def cached_file(path: Path, kind: str, parse: Callable[[bytes], T]) -> T:
+    """``parse(the file's bytes)``, parsed once and reused while the file stays the same: same
+    (path, mtime_ns, size) and the same bytes (a rewrite within the clock's resolution is seen
+    too). Errors are not cached; a missing file raises ``FileNotFoundError``."""
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    raw = path.read_bytes()
+    key = (kind, str(path.resolve()))
+    with _FILES_LOCK:
+        hit = _FILES.get(key)
+    if hit is not None and hit[0] == stamp and hit[1] == raw:
+        return hit[2]
+    value = parse(raw)
+    with _FILES_LOCK:
+        _FILES[key] = (stamp, raw, value)
+        while len(_FILES) > 64:  # tests write many files; keep the newest
+            _FILES.pop(next(iter(_FILES)))
+    return value
 
 
 class Severity(str, Enum):
@@ -349,9 +386,10 @@ class Inventory(_Model):
 
 
 def load_inventory(path: Path | None = None) -> Inventory:
+    """The inventory, validated; parsed again only when the file changed (``cached_file``)."""
     path = path or get_settings().inventory_path
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return cached_file(path, "inventory", lambda raw: _parse_inventory(path, raw))
     except FileNotFoundError:
         raise ConfigurationError(
             str(path), "inventory file does not exist", "a YAML inventory",
@@ -362,6 +400,10 @@ def load_inventory(path: Path | None = None) -> Inventory:
             str(path), f"invalid YAML ({exc.__class__.__name__})", "a YAML inventory",
             "fix the syntax of the inventory file",
         ) from None
+
+
+def _parse_inventory(path: Path, raw: bytes) -> Inventory:
+    data = load_yaml(raw) or {}
     try:
         return Inventory.model_validate(data)
     except ValidationError as exc:

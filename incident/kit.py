@@ -52,7 +52,7 @@ from incident.guardrails import (AUTO_FIX_TAG, KILL_SWITCH, RESTARTED_TAG, SHADO
 from incident.inventory import Target, load_target
 from incident.locks import HOLDER_TAG_PREFIX, LEASE_TAG_PREFIX, TargetLock, parent_run_of
 from incident.record import (Incident, IncidentRecord, Outcome, Trigger, add_run_tags,
-                             close_from_outside, load_record, open_incident)
+                             close_from_outside, forget_run_tags, load_record, open_incident)
 from incident.waiting import waiting
 from tasks.common import CHANGING_TAG, ActionResult
 
@@ -202,6 +202,7 @@ def _release_lock(flow_run_id: str) -> None:
     _WAITED.pop(flow_run_id, None)
     _BORROWED.pop(flow_run_id, None)  # the parent's lock stays with the parent
     stop_clock(flow_run_id)
+    forget_run_tags(flow_run_id)
     lock = _LOCKS.pop(flow_run_id, None)
     if lock is not None:
         lock.release()
@@ -238,8 +239,9 @@ def _close_stopped(flow: Flow, flow_run: FlowRun, incident: Incident | None, why
     rec = incident.record
     why = (f"{why} in phase {rec.timeline[-1].phase if rec.timeline else 'detect'}; "
            f"{rec.changes()}; check the target by hand")
-    escalate(incident, why)
-    incident.fail(why)
+    with incident.deferred():  # escalated and failed: one report
+        escalate(incident, why)
+        incident.fail(why)
 
 
 def close_run_from_outside(flow_run_id: UUID, why: str,
@@ -302,24 +304,29 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
             "declare the task with tasks.common.changing_task and name the plan after it",
         )
     clock = clock_for(incident)
-    if not incident.record.dry_run:
-        clock.declare()  # the run found a real problem: people hear of it from here on
-        stopped = check_guardrails(incident, target, plan)
-        if stopped is not None:
-            return Step[R](taken=False, closing=stopped)
-    decision = request_approval(incident, plan, target, drill_policies(incident.record.drill))
-    if decision.record.asked_at is not None and not decision.record.by.startswith("alert-gateway"):
-        # a person answered: someone is on it
-        clock.acknowledge(decision.record.by)
-    if not decision.approved:
-        return Step[R](taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
-    marks = [AUTO_FIX_TAG] if decision.record.by.startswith("policy:") else []
-    if plan.action in load_rules().blast_radius.restart_actions:
-        marks.append(RESTARTED_TAG)
-    if marks:  # before the step starts: a run that dies in it still counts for the guards
-        add_run_tags(*marks)
-    incident.record.in_progress = f"{plan.action} on {plan.target}"
-    incident.enter("fix", f"starting {plan.action} on {plan.target}")  # saved before it runs
+    rules = load_rules()  # once per step: the guardrails and the marks below
+    # the step's events (declared, plan, approval, starting, or the close) publish once; a run
+    # that waits for a person publishes before it waits (request_approval)
+    with incident.deferred():
+        if not incident.record.dry_run:
+            clock.declare()  # the run found a real problem: people hear of it from here on
+            stopped = check_guardrails(incident, target, plan, rules)
+            if stopped is not None:
+                return Step[R](taken=False, closing=stopped)
+        decision = request_approval(incident, plan, target, drill_policies(incident.record.drill))
+        if decision.record.asked_at is not None and not decision.record.by.startswith("alert-gateway"):
+            # a person answered: someone is on it
+            clock.acknowledge(decision.record.by)
+        if not decision.approved:
+            return Step[R](taken=False, closing=close_unapproved(incident, decision.record.decision, plan))
+        marks = [AUTO_FIX_TAG] if decision.record.by.startswith("policy:") else []
+        if plan.action in rules.blast_radius.restart_actions:
+            marks.append(RESTARTED_TAG)
+        if marks:  # before the step starts: a run that dies in it still counts for the guards
+            add_run_tags(*marks)
+        incident.record.in_progress = f"{plan.action} on {plan.target}"
+        incident.enter("fix", f"starting {plan.action} on {plan.target}")
+        incident.publish(fresh=False)  # saved before it runs, even inside an outer deferred()
     try:
         result = task(*args, **kwargs)
     except RunbookError as exc:
@@ -335,12 +342,14 @@ def change(incident: Incident, target: Target, plan: ActionPlan, task: Task[...,
     return Step[R](taken=True, done=result)
 
 
-def check_guardrails(incident: Incident, target: Target, plan: ActionPlan) -> State | None:
+def check_guardrails(incident: Incident, target: Target, plan: ActionPlan,
+                     rules: GuardrailRules | None = None) -> State | None:
     """The guardrails of one changing step (``incident/guardrails.py``), before anyone is asked
-    to approve it: the closed state when the step must not run, else None."""
+    to approve it: the closed state when the step must not run, else None. The kill switch is
+    read afresh every time."""
     rec = incident.record
     run_id = current_run.get_id()
-    rules = load_rules()
+    rules = rules or load_rules()
     if kill_switch_on():
         rec.kill_switch = True
         add_run_tags("kill-switch-on")
@@ -398,8 +407,9 @@ def escalate_and_fail(incident: Incident, why: str, expected: str = "the service
     """Hand the incident to humans with what the run saw and what it changed, and end the run
     Failed."""
     why = f"{why}; {incident.record.changes()}"
-    escalate(incident, why)
-    incident.fail(why)
+    with incident.deferred():  # escalated and failed: one report
+        escalate(incident, why)
+        incident.fail(why)
     rec = incident.record
     raise error(
         rec.target, why, expected, f"a human must take over incident {rec.incident_id}; "

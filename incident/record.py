@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Literal
 from uuid import UUID, uuid4
@@ -20,6 +22,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactCreate
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field
@@ -37,6 +40,10 @@ DRILL_TAG = "drill"
 #: In an alert update, the words that say every alert of the incident has resolved (the alert
 #: gateway writes them; the approval gate stands down on them instead of pausing).
 ALL_ALERTS_RESOLVED = "no alert of the incident fires any more"
+#: A report published within this many seconds of the last read of the alert updates (or of
+#: the start of the incident) reuses that read (one API call less per publish); the approval
+#: gate, a close and every explicit ``Incident.publish()`` read them afresh.
+ALERT_UPDATES_FRESH_S = 5.0
 
 
 def _now() -> datetime:
@@ -191,7 +198,14 @@ def new_incident_id(at: datetime | None = None) -> str:
 
 
 class Incident:
-    """The live incident of one flow run. Every method updates the report artifact."""
+    """The live incident of one flow run.
+
+    The report artifact (and the saved record) is republished at phase changes, actions,
+    approvals, escalations, guardrail events and the close; notes, findings, the severity and
+    the verification go out with the next of those. Inside ``deferred()`` (one step's events
+    in a row: a plan approved and started, an escalation and the close) they go out once, at
+    the end. A record that did not change since it was last published is not published again.
+    """
 
     def __init__(self, record: IncidentRecord) -> None:
         self.record = record
@@ -201,6 +215,13 @@ class Incident:
         #: called after every timeline event (incident/comms.py starts the comms clock here)
         self.on_event: Callable[[], None] | None = None
         self._in_event = False
+        self._published: str | None = None  # the record (JSON) last published
+        #: monotonic time of the last read of the alert updates; a run that has just started
+        #: has none to read yet (the gateway sends them to a run it knows): its first reports
+        #: reuse that, the close and the approval gate always read
+        self._alerts_read_at: float | None = time.monotonic()
+        self._deferring = 0
+        self._pending = False  # an event asked for a publish inside deferred()
 
     # -- recording -------------------------------------------------------------------
     def enter(self, phase: Phase, event: str) -> None:
@@ -237,14 +258,16 @@ class Incident:
                   f"escalated to humans: {reason}")
 
     def set_severity(self, severity: Severity, why: str) -> None:
+        """The new severity tags the run at once; the report shows it at the next publish."""
         self.record.severity = severity
         _set_run(tags=self.tags)
-        self._log("contain", f"severity {severity.value}: {why}")
+        self._log("contain", f"severity {severity.value}: {why}", publish=False)
 
     def verified(self, detail: str) -> None:
+        """The verification; published with what follows it (the close or an escalation)."""
         self.record.verification = detail
         self.record.verified_at = _now()
-        self._log("verify", detail)
+        self._log("verify", detail, publish=False)
 
     # -- closing ---------------------------------------------------------------------
     def close(self, outcome: Outcome, summary: str) -> State:
@@ -280,20 +303,47 @@ class Incident:
             finally:
                 self._in_event = False
         if publish:
-            self.publish()
+            if self._deferring:
+                self._pending = True
+            else:
+                self.publish(fresh=phase == "close")
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Several events of one step in a row publish once, when the block ends (also when
+        it raises). An explicit ``publish()`` inside still publishes at once (a run about to
+        wait shows what it waits for)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring and self._pending:
+                self.publish(fresh=self.record.outcome != "open")
 
     def alert_updates(self) -> list[str]:
         """Fetch what the gateway sent about this incident's alert since the run started."""
         run_id = _run_id()
         if not run_id:
             return []
+        self._alerts_read_at = time.monotonic()
         self.record.alert_updates = read_alert_updates(run_id)
         return self.record.alert_updates
 
-    def publish(self) -> None:
-        """Republish the report artifact and save the record where a closer can find it."""
+    def publish(self, fresh: bool = True) -> None:
+        """Republish the report artifact and save the record where a closer can find it.
+
+        ``fresh``: read the alert updates first; otherwise a read of the last
+        ``ALERT_UPDATES_FRESH_S`` seconds is reused. Nothing is sent when the record is the
+        same as the one published last."""
         with self._publishing:
-            self.alert_updates()
+            self._pending = False
+            read_at = self._alerts_read_at
+            if fresh or read_at is None or time.monotonic() - read_at >= ALERT_UPDATES_FRESH_S:
+                self.alert_updates()
+            current = self.record.model_dump_json()
+            if current == self._published:
+                return
             create_markdown_artifact(
                 markdown=render_report(self.record),
                 key=self.record.artifact_key,
@@ -302,6 +352,7 @@ class Incident:
             run_id = _run_id()
             if run_id:
                 self._saved = save_record(run_id, self.record, self._saved)
+            self._published = current
 
 
 def read_alert_updates(flow_run_id: UUID) -> list[str]:
@@ -320,6 +371,42 @@ def _run_id() -> UUID | None:
 _MANAGED_TAGS = ("incident:", "severity:", "scenario:", "service:", "env:", "outcome:", "dry-run",
                  "shadow", "kill-switch-on", DRILL_TAG)
 
+#: The tags of this process's own flow runs as last written by this module: a run's tags are
+#: set when it is created (deployment, gateway) and after that only by its own code, so they
+#: are known without reading the run again. Runs of other processes are read first.
+_RUN_TAGS: dict[UUID, list[str]] = {}
+_RUN_TAGS_LOCK = threading.Lock()
+
+
+def _known_tags(run_id: UUID) -> list[str] | None:
+    """The current run's tags without an API call: the last ones written here, else the ones
+    the run was created with (its context); None for any other run."""
+    if run_id != _run_id():
+        return None
+    with _RUN_TAGS_LOCK:
+        if run_id in _RUN_TAGS:
+            return list(_RUN_TAGS[run_id])
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and context.flow_run.id == run_id:
+        return list(context.flow_run.tags)
+    return None
+
+
+def _retag(run_id: UUID, change: Callable[[list[str]], list[str]], name: str | None = None) -> None:
+    """Update the run's tags to ``change(current tags)`` (and its name) in one call when the
+    tags are known, else read the run first."""
+    with get_client(sync_client=True) as client:
+        current = _known_tags(run_id)
+        if current is None:
+            current = client.read_flow_run(run_id).tags
+        tags = change(current)
+        client.update_flow_run(run_id, name=name, tags=tags)
+    if run_id == _run_id():
+        with _RUN_TAGS_LOCK:
+            _RUN_TAGS[run_id] = list(tags)
+            while len(_RUN_TAGS) > 1024:  # runs whose end was not seen here (forget_run_tags)
+                _RUN_TAGS.pop(next(iter(_RUN_TAGS)))
+
 
 def _set_run(name: str | None = None, tags: list[str] | None = None,
              run_id: UUID | None = None) -> None:
@@ -328,11 +415,13 @@ def _set_run(name: str | None = None, tags: list[str] | None = None,
     run_id = run_id or _run_id()
     if not run_id:
         return
-    with get_client(sync_client=True) as client:
-        if tags is not None:
-            current = client.read_flow_run(run_id).tags
-            tags = [t for t in current if not t.startswith(_MANAGED_TAGS)] + tags
-        client.update_flow_run(run_id, name=name, tags=tags)
+    if tags is None:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name, tags=None)
+        return
+    new = tags
+    _retag(run_id, lambda current: [t for t in current if not t.startswith(_MANAGED_TAGS)] + new,
+           name=name)
 
 
 def add_run_tags(*tags: str, run_id: UUID | None = None) -> None:
@@ -341,9 +430,13 @@ def add_run_tags(*tags: str, run_id: UUID | None = None) -> None:
     run_id = run_id or _run_id()
     if not run_id:
         return
-    with get_client(sync_client=True) as client:
-        current = client.read_flow_run(run_id).tags
-        client.update_flow_run(run_id, tags=current + [t for t in tags if t not in current])
+    _retag(run_id, lambda current: current + [t for t in tags if t not in current])
+
+
+def forget_run_tags(run_id: UUID | str) -> None:
+    """The run ended: its tags are no longer kept in memory."""
+    with _RUN_TAGS_LOCK:
+        _RUN_TAGS.pop(UUID(str(run_id)), None)
 
 
 def _description(r: IncidentRecord) -> str:

@@ -65,10 +65,14 @@ def state_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api(state_dir: Path):
-    """A real Prefect server (SQLite) on loopback, shared by every test."""
+    """A real Prefect server on loopback, shared by every test, on the database ``make up``
+    uses (RUNBOOKS_PREFECT_DATABASE; PostgreSQL: a cluster of its own, removed at the end)."""
+    from deployments import prefect_db
+
     pid, api_url = start_prefect_server(state_dir / "prefect", _PORT, state_dir, ui=False)
     yield api_url
     stop_pid(pid)
+    prefect_db.remove_postgres(state_dir)  # nothing to do on SQLite
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +216,8 @@ def comms_env(monkeypatch):
 
 class RestartablePrefectServer:
     """The session's Prefect server (started by the ``prefect_api`` fixture), stopped and
-    started again on the same port with the same database (SQLite under ``<state>/prefect``),
+    started again on the same port with the same database (SQLite under ``<state>/prefect``, or
+    its PostgreSQL, which stays up),
     so the rest of the session keeps using the same URL."""
 
     def __init__(self, state_dir: Path, api_url: str) -> None:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from deployments.stack import gateway_secrets, start_gateway, stop_pid
-from gateway.local import SECRET_ENV, load_local, local_state_path
+from gateway.local import RUNNER_TOKEN_ENV, SECRET_ENV, load_local, local_state_path
 from incident.settings import REPO_ROOT
 from lab import Lab
 from tests.gateway.conftest import PAYLOADS_DIR
@@ -52,7 +52,7 @@ def test_make_up_configures_every_source_and_send_test_finds_the_gateway(tmp_pat
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         local = load_local(path)
         assert local is not None and local.pid == pid and local.url == lab_paths.info.gateway_url
-        assert set(local.env) == set(SECRET_ENV.values())
+        assert set(local.env) == {*SECRET_ENV.values(), RUNNER_TOKEN_ENV}
         assert local.env["RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN"] == "lab-alertmanager-token"
         assert all(len(v) >= 32 for k, v in local.env.items() if "ALERTMANAGER" not in k)
         assert len(set(local.env.values())) == len(local.env), "one secret per source"

@@ -174,3 +174,76 @@ def test_a_runner_killed_mid_run_loses_nothing_the_intake_accepted(deployed, hea
                 except subprocess.TimeoutExpired:
                     r.kill()
         store.close()
+
+
+def test_two_runners_heal_one_target_while_the_other_waits_for_a_person(deployed, healthy_web, lab, state_dir,
+                                                                       tmp_path, monkeypatch):
+    """The full alert -> heal path through two runner processes (one working slot and no
+    waiting thread each), on the session's Prefect server (PostgreSQL by default): a run on
+    one target pauses for approval and holds its runner; the web is killed meanwhile and its
+    run heals it on the other runner, at the same time."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    parked = lab.docker_client().containers.create(
+        lab.docker_client().containers.get(lab.info.container_name).image.id, name="lab-parked-runner")
+    inventory = yaml.safe_load((state_dir / "lab" / "inventory.yaml").read_text())
+    web = inventory["services"]["web"]
+    inventory["services"]["parked-1"] = {  # staging: a restart waits for a person
+        "environment": "staging", "owner": "sre-lab", "stateless": True, "health_url": "http://127.0.0.1:9/health",
+        "container": "lab-parked-runner", "docker_host": web["docker_host"]}
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    monkeypatch.setenv("RUNBOOKS_INVENTORY", str(path))
+    settings = GatewaySettings(port=free_port(), store=tmp_path / "alerts.db", insecure_sources=list(SOURCES),
+                               runner_token=TOKEN, runner_lease_s=6)
+    env = {**os.environ, "RUNBOOKS_GATEWAY_RUNNER_TOKEN": TOKEN, "RUNBOOKS_GATEWAY_MAX_PARALLEL_RUNS": "1",
+           "RUNBOOKS_GATEWAY_MAX_WAITING_RUNS": "0"}
+    runners: list[subprocess.Popen] = []
+    store = AlertStore(settings.store_path)
+
+    def post(url: str, body: dict) -> str:
+        resp = httpx.post(f"{url}/alerts/alertmanager", json=body, timeout=10)
+        assert resp.status_code == 202, resp.text
+        return resp.json()["intake"]["alerts"][0]["incident_id"]
+
+    def run_of(incident_id: str):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+                any_=[UUID(str(store.incident(incident_id).flow_run_id))])))[0]
+    try:
+        with serving(settings, runners=0) as url:
+            runners = [_spawn_runner(url, env, tmp_path / f"runner-{i}.log") for i in (1, 2)]
+            wait_until(lambda: len(httpx.get(f"{url}/healthz").json()["runner"]["runners"]) == 2, 60, 0.5,
+                       what="two runners never reported to the gateway (logs: runner-*.log)")
+            parked_alert = service_down_alert("parked-1")
+            waiter = post(url, parked_alert)
+            wait_until(lambda: store.incident(waiter).flow_run_id and run_of(waiter).state.is_paused(), 90, 0.5,
+                       what="parked-1's run never paused for approval")
+
+            lab.inject("web-killed")
+            healer = post(url, service_down_alert("web"))
+            wait_until(lambda: store.incident(healer).status == "closed", 120, 0.5,
+                       what="web's run did not end")
+            assert store.incident(healer).outcome == "Completed", store.incident(healer)
+            assert lab.web.healthy(), "the web is healthy again"
+            assert run_of(waiter).state.is_paused(), "the other target's run still waits for its person"
+            assert store.incident(healer).runner != store.incident(waiter).runner, "one run per runner"
+            healed, paused = run_of(healer), run_of(waiter)
+            assert paused.start_time < healed.start_time < healed.end_time, "they ran at the same time"
+
+            resolved = {**parked_alert, "status": "resolved", "alerts": [
+                {**parked_alert["alerts"][0], "status": "resolved", "endsAt": datetime.now(UTC).isoformat()}]}
+            post(url, resolved)
+            wait_until(lambda: store.incident(waiter).status == "closed", 60, 0.5,
+                       what="parked-1's run did not stand down on the resolve")
+            assert store.incident(waiter).outcome == "Resolved Without Action"
+    finally:
+        for r in runners:
+            if r.poll() is None:
+                r.send_signal(signal.SIGTERM)
+                try:
+                    r.wait(60)
+                except subprocess.TimeoutExpired:
+                    r.kill()
+        store.close()
+        parked.remove(force=True)

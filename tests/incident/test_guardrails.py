@@ -175,6 +175,16 @@ def test_broken_rules_are_refused_with_what_to_do(tmp_path: Path) -> None:
     assert load_rules(tmp_path / "missing.yaml").defaults.mode == "act"
 
 
+def test_rules_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "guardrails.yaml"
+    path.write_text("defaults: {max_automatic_fixes: 3}\n")
+    first = load_rules(path)
+    first.defaults.max_automatic_fixes = 99  # a caller's change never reaches the next caller
+    assert load_rules(path).defaults.max_automatic_fixes == 3
+    path.write_text("defaults: {max_automatic_fixes: 4}\n")
+    assert load_rules(path).defaults.max_automatic_fixes == 4
+
+
 # -- the per-target lock -------------------------------------------------------------------------
 def _alert(gateway, body: dict) -> str:
     settings, url = gateway

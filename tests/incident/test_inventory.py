@@ -139,3 +139,23 @@ def test_app_admin_token_is_a_reference_never_a_value(tmp_path):
     assert "hunter2" not in str(err.value)
     with pytest.raises(ConfigurationError, match="nope"):
         load_inventory(_write(tmp_path, _with_app({**APP, "nope": 1})))
+
+
+def test_the_inventory_is_parsed_once_and_read_again_when_it_changes(tmp_path):
+    import os
+
+    path = _write(tmp_path, INVENTORY)
+    first = load_inventory(path)
+    assert load_inventory(path) is first, "an unchanged inventory is not parsed again"
+    changed = yaml.safe_load(yaml.safe_dump(INVENTORY))
+    changed["services"]["api"]["owner"] = "team-c"  # same size as team-b
+    stamp = os.stat(path)
+    path.write_text(yaml.safe_dump(changed))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # same mtime and size: bytes differ
+    assert load_inventory(path).services["api"].owner == "team-c"
+    path.write_text(yaml.safe_dump(INVENTORY) + "bad: [\n")
+    with pytest.raises(ConfigurationError, match="invalid YAML"):
+        load_inventory(path)
+    path.unlink()
+    with pytest.raises(ConfigurationError, match="make up"):
+        load_inventory(path)

@@ -8,17 +8,20 @@ import logging
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.runtime import flow_run as current_run
 from prefect.states import State
 
 from incident.approval import ActionPlan
 from incident.guardrails import GuardrailRules, LockRules
-from incident.inventory import Service, Target
+from incident.inventory import Service, Severity, Target
 from incident.kit import change, escalate_and_fail, runbook_flow, take_target_lock
 from incident.locks import TargetLock
-from incident.record import open_incident
+from incident.record import (RECORD_INPUT_PREFIX, add_run_tags, artifact_key_for, load_record,
+                             open_incident)
 from tasks.common import ActionResult, changing_task
-from tests.helpers import escalations, new_incident_id, report
+from tests.helpers import escalations, new_incident_id, report, run_id_of, run_tags
 
 PROBE = Target(name="probe", service=Service(environment="staging", owner="sre",
                                              health_url="http://127.0.0.1:1/health"))
@@ -29,6 +32,35 @@ def touch_then_break(path: str) -> ActionResult:
     """Changes something, then fails in a way no runbook expects."""
     Path(path).write_text("half done\n")
     raise OSError("the disk went away mid-step")
+
+
+@changing_task
+def touch_probe(path: str) -> ActionResult:
+    """A harmless changing step."""
+    Path(path).write_text("done\n")
+    return ActionResult(action="touch_probe", target="probe", changed=True, detail=f"wrote {path}")
+
+
+ONE_STEP = Target(name="kit-one-step-probe", service=PROBE.service)
+
+
+@runbook_flow("kit-one-step")
+def kit_one_step(incident_id: str, marker: str) -> State:
+    incident = open_incident("kit-one-step", ONE_STEP, None, incident_id, dry_run=False)
+    add_run_tags("lock:kit-one-step-probe")  # a mark of this module: kept by every later retag
+    incident.enter("diagnose", "looking")
+    incident.finding("probe", False, "it is broken")
+    incident.enter("contain", "containing")
+    incident.set_severity(Severity.P1, "the probe is down")
+    plan = ActionPlan(action="touch_probe", target="probe", runs=f"touch {marker}",
+                      expected_effect="a file", undo=f"rm {marker}", destructive=False)
+    change(incident, ONE_STEP, plan, touch_probe, marker)
+    incident.verified("the file is there")  # goes out with the next publish
+    incident.publish()
+    versions = _versions(incident.record.artifact_key)
+    incident.publish()  # nothing new: not published again
+    assert _versions(incident.record.artifact_key) == versions, "an unchanged record was republished"
+    return incident.close("resolved", "touched")
 
 
 @runbook_flow("kit-probe")
@@ -43,11 +75,17 @@ def kit_probe(incident_id: str, how: str, marker: str = "") -> State:
     raise RuntimeError("an unexpected bug")
 
 
+def _versions(key: str) -> int:
+    with get_client(sync_client=True) as client:
+        return len(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))
+
+
 @pytest.fixture
 def every_step_approved(tmp_path, monkeypatch):
     path = tmp_path / "policies.yaml"
     path.write_text("policies:\n  - name: probe-policy\n    description: probes may\n"
-                    "    actions: [touch_then_break]\n    environments: [staging]\n    require_stateless: false\n")
+                    "    actions: [touch_then_break, touch_probe]\n    environments: [staging]\n"
+                    "    require_stateless: false\n")
     monkeypatch.setenv("RUNBOOKS_POLICIES", str(path))
 
 
@@ -92,6 +130,31 @@ def test_a_step_that_dies_half_way_is_named_as_unknown(prefect_api, tmp_path, ev
     assert "starting touch_then_break on probe" in text, "the step was not recorded before it ran"
     assert "touch_then_break on probe was started and did not report back" in text
     assert "its effect is unknown" in text
+
+
+def test_one_steps_events_publish_once_and_the_saved_record_is_the_newest(
+        prefect_api, tmp_path, every_step_approved):
+    incident_id = new_incident_id()
+    marker = tmp_path / "marker"
+    state = kit_one_step(incident_id=incident_id, marker=str(marker), return_state=True)
+    assert state.is_completed(), state.message
+    text = report(incident_id)
+    for line in ("severity P1: the probe is down", "approval for touch_probe: approved by policy:probe-policy",
+                 "starting touch_probe on probe", "touch_probe on probe: wrote", "the file is there",
+                 "resolved: touched"):
+        assert line in text, f"{line!r} is not in the report"
+    # opened, diagnose, contain, the step (declared, plan, approval, starting), the action, the
+    # explicit publish (the verification), the close
+    assert _versions(artifact_key_for(incident_id)) == 7
+    run_id = run_id_of(incident_id)
+    saved = load_record(run_id)
+    assert saved is not None and saved.outcome == "resolved" and saved.verification == "the file is there"
+    with get_client(sync_client=True) as client:
+        copies = client.filter_flow_run_input(run_id, RECORD_INPUT_PREFIX, 100, set())
+    assert len(copies) == 1, "the previous copies of the record are deleted"
+    tags = run_tags(run_id)
+    assert {"lock:kit-one-step-probe", "severity:P1", "outcome:resolved", "auto-fix"} <= set(tags), tags
+    assert "severity:P2" not in tags
 
 
 # -- a subflow on its parent's target runs under the parent's lock ---------------------------------
