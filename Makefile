@@ -19,10 +19,15 @@ test:
 	@$(MAKE) --no-print-directory audit
 	@$(PY) -m pytest
 
+# The figures of the README's "Benchmarks": the alert path on both Prefect databases (alert ->
+# first task; on PostgreSQL also sustained remediations at 1-16 alerts/s, 1/2/4 runners, server
+# CPU per run and the 10,000-delivery storm), then what one run costs, fault -> healthy, approvals.
 bench:
 	@scripts/bootstrap.sh
+	@$(PY) bench/alert_intake.py --database sqlite --parts latency
+	@$(PY) bench/alert_intake.py --database postgres
+	@$(PY) bench/run_cost.py
 	@$(PY) bench/service_down.py
-	@$(PY) bench/alert_intake.py
 	@$(PY) bench/approval.py
 
 # requirements.lock pins every Python package of the project and of its test extras, with the

@@ -4,17 +4,22 @@ Starts its own Prefect server, lab, deployments, worker and gateways on loopback
 
 1. latency: N distinct ServiceDown alerts (healthy target: each run diagnoses and ends
    "Already Fine"), alert POST -> flow run created, and -> first task running
-   (p50/p99), for the gateway's runner dispatch and for Prefect's default path
-   (event -> prefect.yaml automation -> deployment on a polling process worker).
+   (p50/p99), for the gateway's runner dispatch (and, with ``--parts automation``, for
+   Prefect's default path: event -> prefect.yaml automation -> polling process worker).
 2. sustained: distinct alerts at a steady rate into the runner gateway, each starting a
    real run against the lab: runs created per second, post -> first task running, intake
-   latency p99, time until every run ended; then the intake alone (shadow dispatch) at
-   higher rates.
-3. storm: 1,000 distinct alerts x 10 duplicates, sent concurrently: incidents opened
-   (goal 1,000), lost (goal 0), intake p99.
+   latency p99, time until every run ended, remediations per second, server CPU per run.
+3. runners: the same at one rate with 1, 2 and 4 runner processes.
+4. storm: 1,000 distinct alerts x 10 duplicates, sent concurrently to the intake (shadow
+   dispatch: nothing started): incidents opened (goal 1,000), lost (goal 0), intake p99.
 
-    .venv/bin/python bench/alert_intake.py [--latency-alerts 50] [--automation-alerts 10]
-        [--parts latency sustained automation intake storm]
+    .venv/bin/python bench/alert_intake.py [--database postgres|sqlite] [--runners 2]
+        [--latency-alerts 50] [--sustained-rates 1 2 4 8 16] [--runner-counts 1 2 4]
+        [--parts latency sustained runners automation intake storm]
+
+The gateway and its runners run as ``make up`` runs them: the gateway (runner dispatch) in a
+process of its own, ``--runners`` runner processes (``python -m gateway runner``). The Prefect
+server's CPU (and its PostgreSQL's) is counted per run from /proc.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from _state import STATE  # noqa: E402  (first: sets the state dir)
 
-from deployments.stack import (deploy_all, free_port, prefect_env, spawn_gateway,  # noqa: E402
+from deployments.stack import (_spawn, deploy_all, free_port, prefect_env, spawn_gateway,  # noqa: E402
                                start_prefect_server, start_worker, stop_pid)
 
 PORT = free_port()
@@ -84,7 +89,7 @@ def names_used(args) -> list[str]:
     names = [f"warm-{i}" for i in range(3)] + [f"lat-{i}" for i in range(args.latency_alerts)]
     names += [f"auto-{i}" for i in range(args.automation_alerts)]
     names += [f"storm-{i}" for i in range(args.storm_distinct)]
-    for prefix, rates, seconds in (("r", args.sustained_rates, args.sustained_s),
+    for prefix, rates, seconds in (("r", args.sustained_rates + [args.runners_rate], args.sustained_s),
                                    ("s", args.intake_rates, 10)):
         for rate in rates:
             names += [f"{prefix}{rate}-{i}" for i in range(int(rate * seconds * 1.5) + 10)]
@@ -196,29 +201,48 @@ def sustained_remediations(url: str, store_path: Path, rate: float, seconds: flo
         "post_to_run_created": summary(created),
         "post_to_first_task_running": summary(running),
         "drained_s": round(time.time() - t_first, 1),
+        "remediations_per_s": round(len(sent) / max(1e-9, time.time() - t_first), 2),
         "outcomes": outcomes,
     })
     return result
 
 
 async def blast(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], int]:
+    """POST every body to the Alertmanager endpoint over ``concurrency`` keep-alive connections;
+    each request's latency (send -> whole response read) and how many were not 202.
+
+    A minimal HTTP/1.1 client on asyncio streams: the load generator shares the machine's two
+    cores with the gateway, and a full client library costs more CPU per request than the
+    intake does, so it would measure itself."""
+    target = httpx.URL(url)
+    head = (f"POST /alerts/alertmanager HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: ").encode()
     latencies: list[float] = []
     failures = 0
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for b in bodies:
         queue.put_nowait(b)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        async def worker():
-            nonlocal failures
+
+    async def worker() -> None:
+        nonlocal failures
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
             while not queue.empty():
                 body = queue.get_nowait()
                 t0 = time.perf_counter()
-                r = await client.post(f"{url}/alerts/alertmanager", content=body,
-                                      headers={"Content-Type": "application/json"})
+                writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+                status_line = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
                 latencies.append(time.perf_counter() - t0)
-                failures += r.status_code != 202
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+                failures += status_line.split()[1] != b"202"
+        finally:
+            writer.close()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, failures
 
 
@@ -269,7 +293,9 @@ def storm(url: str, store_path: Path, distinct: int, dups: int, concurrency: int
     }
 
 
-PARTS = {"latency", "sustained", "automation", "intake", "storm"}
+PARTS = {"latency", "sustained", "runners", "automation", "intake", "storm"}
+DEFAULT_PARTS = ["latency", "sustained", "runners", "storm"]
+TOKEN = "bench-runner-token-0123456789abcdef"
 
 
 def progress(result: dict) -> None:
@@ -277,30 +303,84 @@ def progress(result: dict) -> None:
     print(json.dumps(result), file=sys.stderr, flush=True)
 
 
+def cpu_s(pids: list[int]) -> float:
+    """utime+stime of these processes and every process below them (from /proc)."""
+    from run_cost import server_cpu_s
+
+    return sum(server_cpu_s(pid) for pid in pids)
+
+
+class RunnerGateway:
+    """The gateway (runner dispatch) in its own process and ``n`` runner processes, as ``make
+    up`` runs them; ``resize`` stops them all and starts ``n`` new ones."""
+
+    def __init__(self, env: dict[str, str], store_path: Path, runners: int) -> None:
+        self.env = {**env, "RUNBOOKS_GATEWAY_RUNNER_TOKEN": TOKEN}
+        self.port, self.store_path = free_port(), store_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.pid = spawn_gateway(self.env, STATE, self.port, {
+            "RUNBOOKS_GATEWAY_STORE": str(store_path), "RUNBOOKS_GATEWAY_MAX_QUEUED_RUNS": "100000",
+            "RUNBOOKS_GATEWAY_INSECURE_SOURCES": ",".join(ALL_SOURCES)}, name="bench-gateway")
+        self.runners: list[int] = []
+        self.resize(runners)
+
+    def resize(self, n: int) -> None:
+        for pid in self.runners:
+            stop_pid(pid, timeout_s=60)
+        self.runners = [_spawn(f"bench-runner-{i}", [sys.executable, "-m", "gateway", "runner", "--gateway", self.url],
+                               self.env, STATE) for i in range(1, n + 1)]
+        deadline = time.time() + 120
+        while len(httpx.get(f"{self.url}/healthz", timeout=10).json()["runner"]["runners"]) < n:
+            if time.time() > deadline:
+                raise RuntimeError(f"{n} runners did not report to the gateway; see {STATE / 'logs'}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for pid in [*self.runners, self.pid]:
+            stop_pid(pid, timeout_s=60)
+
+
+def sustained_with_cpu(gw: RunnerGateway, rate: float, seconds: float, server_pids: list[int]) -> dict:
+    before = cpu_s(server_pids)
+    result = sustained_remediations(gw.url, gw.store_path, rate, seconds)
+    runs = sum(result["outcomes"].values())
+    result["runners"] = len(gw.runners)
+    result["server_cpu_s_per_run"] = round((cpu_s(server_pids) - before) / max(1, runs), 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="postgres",
+                        help="the Prefect server's database (RUNBOOKS_PREFECT_DATABASE)")
     parser.add_argument("--latency-alerts", type=int, default=50)
     parser.add_argument("--automation-alerts", type=int, default=10)
     parser.add_argument("--storm-distinct", type=int, default=1000)
     parser.add_argument("--storm-dups", type=int, default=10)
+    parser.add_argument("--storm-concurrency", type=int, default=64)
     parser.add_argument("--latency-spacing-s", type=float, default=2.0,
                         help="between latency alerts: above one run's cost, so that latency is "
                              "measured, not queueing (the sustained part measures that)")
-    parser.add_argument("--sustained-rates", type=float, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--runners", type=int, default=2, help="runner processes (latency, sustained)")
+    parser.add_argument("--sustained-rates", type=float, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--runner-counts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--runners-rate", type=float, default=8, help="alerts/s of the runners part")
     parser.add_argument("--intake-rates", type=float, nargs="+", default=[20, 50, 100, 200])
     parser.add_argument("--sustained-s", type=float, default=10)
-    parser.add_argument("--parts", nargs="+", default=sorted(PARTS), choices=sorted(PARTS))
+    parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=sorted(PARTS))
     args = parser.parse_args()
     parts = set(args.parts)
 
-    from gateway.settings import GatewaySettings
+    from deployments.prefect_db import remove_postgres
     from lab import Lab
-    from gateway.__main__ import serving
 
-    server, api = start_prefect_server(STATE / "prefect", PORT, STATE, ui=False)
+    server, api = start_prefect_server(STATE / "prefect", PORT, STATE, ui=False, database=args.database)
+    server_pids = [server] + ([int((STATE / "pids" / "prefect-postgres.pid").read_text())]
+                              if args.database == "postgres" else [])
     lab = Lab(STATE / "lab")
-    worker, ok = None, False
-    result: dict = {"benchmark": "alert intake", "machine": f"{os.cpu_count()} cores"}
+    worker, gw, ok = None, None, False
+    result: dict = {"benchmark": "alert intake", "machine": f"{os.cpu_count()} cores",
+                    "prefect_database": args.database}
     try:
         lab.up()
         bench_inventory(names_used(args))
@@ -308,21 +388,32 @@ def main() -> None:
         deploy_all({**env, "RUNBOOKS_GATEWAY_DISPATCH": "automation"})  # its automation part needs the triggers live
         if "automation" in parts:
             worker = start_worker(env, STATE)
-        if {"latency", "sustained"} & parts:
-            runner = GatewaySettings(port=free_port(), store=STATE / "runner.db", insecure_sources=ALL_SOURCES)
-            with serving(runner) as url:
-                measure_latency(url, 3, "warm", 1.0, 60, runner.store_path)  # imports, first round trips
-                if "latency" in parts:
-                    result["latency_runner"] = measure_latency(
-                        url, args.latency_alerts, "lat", args.latency_spacing_s, 300, runner.store_path)
+        if {"latency", "sustained", "runners"} & parts:
+            gw = RunnerGateway(env, STATE / "runner.db", args.runners)
+            measure_latency(gw.url, 3, "warm", 1.0, 60, gw.store_path)  # imports, first round trips
+            if "latency" in parts:
+                result["latency_runner"] = measure_latency(
+                    gw.url, args.latency_alerts, "lat", args.latency_spacing_s, 300, gw.store_path)
+                result["latency_runner"]["runners"] = args.runners
+                progress(result)
+            if "sustained" in parts:
+                result["sustained_remediations"] = []
+                for rate in args.sustained_rates:
+                    result["sustained_remediations"].append(
+                        sustained_with_cpu(gw, rate, args.sustained_s, server_pids))
                     progress(result)
-                if "sustained" in parts:
-                    result["sustained_remediations"] = []
-                    for rate in args.sustained_rates:
-                        result["sustained_remediations"].append(
-                            sustained_remediations(url, runner.store_path, rate, args.sustained_s))
-                        progress(result)
+            if "runners" in parts:
+                result["runner_processes"] = []
+                for n in args.runner_counts:
+                    gw.resize(n)
+                    one = sustained_with_cpu(gw, args.runners_rate, args.sustained_s, server_pids)
+                    one.pop("sent", None)
+                    result["runner_processes"].append(one)
+                    progress(result)
         if "automation" in parts:
+            from gateway.__main__ import serving
+            from gateway.settings import GatewaySettings
+
             auto = GatewaySettings(port=free_port(), store=STATE / "auto.db", dispatch="automation",
                                    insecure_sources=ALL_SOURCES)
             with serving(auto) as url:
@@ -344,16 +435,20 @@ def main() -> None:
                          if k != "sent"} for rate in args.intake_rates]
                     progress(result)
                 if "storm" in parts:
-                    result["storm"] = storm(url, store_path, args.storm_distinct, args.storm_dups)
+                    result["storm"] = storm(url, store_path, args.storm_distinct, args.storm_dups,
+                                            args.storm_concurrency)
             finally:
                 stop_pid(shadow)
         print(json.dumps(result, indent=2))
         ok = True
     finally:
+        if gw:
+            gw.stop()
         if worker:
             stop_pid(worker)
         lab.down()
         stop_pid(server)
+        remove_postgres(STATE)
         if ok:
             shutil.rmtree(STATE, ignore_errors=True)
         else:

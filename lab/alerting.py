@@ -297,6 +297,10 @@ class Alerting:
                 f"--config.file={self.config('prometheus')}",
                 f"--storage.tsdb.path={d / 'prometheus-data'}",
                 "--storage.tsdb.retention.time=2d",
+                # 1 s scrapes: a series no longer scraped is gone from queries after 10 s, not the
+                # default 5 min - across a restart of the stack (no staleness marker is written
+                # then) an old start failure would otherwise keep ServiceWontStart firing
+                "--query.lookback-delta=10s",
                 f"--web.listen-address=127.0.0.1:{i.prometheus_port}",
                 f"--web.external-url={i.prometheus_url}",
                 "--web.enable-lifecycle",  # POST /-/reload when the lab rewrites the config

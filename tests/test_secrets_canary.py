@@ -50,6 +50,7 @@ NOT_SCANNED = {
     "lab/app/secrets": "the web service's admin and chaos tokens (mode 0600): where they belong",
     "gateway/local.json": "the gateway's secrets as `make up` keeps them (mode 0600)",
     "prefect/prefect.db": "Prefect's database: scanned through its API, which also tells what a planted run owns",
+    "prefect/postgres-password": "the password of Prefect's PostgreSQL role (mode 0600): where it belongs",
     "lab/pg/data": "PostgreSQL's data files (roles keep SCRAM hashes, not passwords); its log is scanned",
     "lab/docker": "dockerd's image layers and state; the container logs (*.log) under it are scanned",
     "lab/disk": "the disk-full drills' tmpfs (filler files)",

@@ -16,6 +16,7 @@ import logging
 import os
 import uuid
 import signal
+import sys
 import time
 from pathlib import Path
 from uuid import UUID
@@ -29,7 +30,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events import emit_event
 from prefect.flow_runs import resume_flow_run
 
-from deployments.stack import free_port, prefect_env, spawn_gateway, start_worker, stop_pid
+from deployments.stack import _spawn, free_port, prefect_env, spawn_gateway, start_worker, stop_pid
 from flows.db_connections import db_connections
 from flows.db_locks import db_locks
 from flows.disk_full import disk_full
@@ -359,33 +360,41 @@ def _assert_all_closed_failed(runs, api_url: str) -> None:
             assert client.read_flow_run(run.id).state.is_final(), "a dead run must not stay Paused"
 
 
-def test_gateway_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks):
-    """The gateway runs the remediations in its own process: killed (SIGKILL, no hook runs)
-    while they wait for approval, then started again, its recovery closes every record.
-    (The alerts are posted by hand: the real alert path is tests/flows/test_drill.py.)"""
+def test_gateway_and_runner_killed_mid_run(deployed, broken_lab, state_dir, every_step_asks):
+    """The runner executing the remediations and the gateway are both killed (SIGKILL, no hook
+    runs) while the runs wait for approval, then started again: the new gateway keeps the dead
+    runner's claims for one lease, then settles them - every record closed, escalated, nothing
+    re-run. (The alerts are posted by hand: the real alert path is tests/flows/test_drill.py.)"""
     port = free_port()
     token = "matrix-am-token"
     settings = {"RUNBOOKS_GATEWAY_ALERTMANAGER_BEARER_TOKEN": token,
+                "RUNBOOKS_GATEWAY_RUNNER_TOKEN": "matrix-runner-token-0123456789",
+                "RUNBOOKS_GATEWAY_RUNNER_LEASE_S": "4",
                 "RUNBOOKS_GATEWAY_STORE": str(state_dir / "gateway" / "matrix.db"),
                 "RUNBOOKS_GATEWAY_INSECURE_SOURCES": "grafana,sentry,pagerduty,opsgenie,cloudevents"}
     env = _env(deployed, every_step_asks)
+    url = f"http://127.0.0.1:{port}"
+    runner_argv = [sys.executable, "-m", "gateway", "runner", "--gateway", url]
     pid = spawn_gateway(env, state_dir, port, settings, name="matrix-gateway")
+    runner = _spawn("matrix-runner", runner_argv, {**env, **settings}, state_dir)
     try:
         for wave in WAVES:
             _break(broken_lab, wave)
             since = time.time()
             for scenario in wave:
-                resp = httpx.post(f"http://127.0.0.1:{port}/alerts/alertmanager",
-                                  json=_alert(scenario),
+                resp = httpx.post(f"{url}/alerts/alertmanager", json=_alert(scenario),
                                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
                 assert resp.status_code in (200, 202), resp.text
             mine = _paused_since(since, len(wave))
+            _kill_tree(runner)
             _kill_tree(pid)
             pid = spawn_gateway(env, state_dir, port, settings, name="matrix-gateway")
+            runner = _spawn("matrix-runner", runner_argv, {**env, **settings}, state_dir)
             assert wait_until(lambda: all(_tags_final(r.id) for r in mine), 60, 1.0), \
-                "recovery left runs open"
+                "the lapsed claims left runs open"
             _assert_all_closed_failed(mine, deployed)
     finally:
+        stop_pid(runner)
         stop_pid(pid)
 
 
