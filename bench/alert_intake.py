@@ -117,8 +117,8 @@ def post_alert(url: str, instance: str) -> tuple[str, float]:
     return resp.json()["intake"]["alerts"][0]["incident_id"], t0
 
 
-def wait_first_tasks(sent: dict[str, float], timeout_s: float,
-                     store_path: Path | None = None) -> tuple[list[float], list[float]]:
+def wait_first_tasks(sent: dict[str, float], timeout_s: float, store_path: Path | None = None,
+                     flow_running: list[float] | None = None) -> tuple[list[float], list[float]]:
     """For each incident (id -> POST time): seconds until its run was created / first task ran.
 
     With the gateway's store, an incident closed without a run (dispatch failed) stops
@@ -149,6 +149,8 @@ def wait_first_tasks(sent: dict[str, float], timeout_s: float,
                     continue
                 created.append(runs[0].created.timestamp() - t0)
                 running.append(start - t0)
+                if flow_running is not None and runs[0].start_time:
+                    flow_running.append(runs[0].start_time.timestamp() - t0)
                 del pending[incident_id]
             time.sleep(0.5)
     if store:
@@ -164,9 +166,12 @@ def measure_latency(url: str, n: int, prefix: str, spacing_s: float, timeout_s: 
         incident_id, t0 = post_alert(url, f"{prefix}-{i}")
         sent[incident_id] = t0
         time.sleep(spacing_s)
-    created, running = wait_first_tasks(sent, timeout_s, store_path)
+    flow_running: list[float] = []
+    created, running = wait_first_tasks(sent, timeout_s, store_path, flow_running)
     return {"alerts": n, "measured": len(running), "post_to_run_created": summary(created),
-            "post_to_first_task_running": summary(running)}
+            "post_to_flow_running": summary(flow_running),
+            "post_to_first_task_running": summary(running),
+            "slowest_first_task_s": sorted(round(r, 2) for r in running)[-5:]}
 
 
 def wait_closed(store_path: Path, incident_ids: list[str], timeout_s: float) -> dict[str, int]:

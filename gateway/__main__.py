@@ -53,9 +53,15 @@ def build_app(settings: GatewaySettings):
         log.warning("accepting alerts WITHOUT verification from %s (RUNBOOKS_GATEWAY_INSECURE_SOURCES, "
                     "loopback only); set their secrets before exposing the gateway", ", ".join(unverified))
     store = AlertStore(settings.store_path, retention_days=settings.retention_days)
+    router = Router.from_file(settings.routes_file)
+    try:
+        router.targets.inventory()  # parsed now, not by the first burst of deliveries
+    except Exception as exc:  # no inventory yet (the lab writes it): each delivery says so
+        log.warning("the inventory cannot be read yet (%s); alerts are checked against it once it can",
+                    type(exc).__name__)
     dispatcher = Dispatcher(store, mode=settings.dispatch, max_queued=settings.max_queued_runs,
                             lease_s=settings.runner_lease_s)
-    app = create_app(settings, AlertIntake(store, Router.from_file(settings.routes_file), dispatcher),
+    app = create_app(settings, AlertIntake(store, router, dispatcher),
                      runners=dispatcher if settings.dispatch == "runner" else None)
     app.router.on_startup.append(lambda: _recover_in_background(dispatcher))
     if settings.dispatch == "runner":

@@ -144,11 +144,10 @@ class InventoryTargets:
             st = os.stat(path)
         except OSError:
             return load_inventory(path)  # raises the inventory's own, explained error
-        with self._lock:
+        with self._lock:  # one reader parses a changed file; concurrent deliveries wait for it
             if self._cached and self._cached[:3] == (path, st.st_mtime_ns, st.st_size):
                 return self._cached[3]
-        inventory = load_inventory(path)
-        with self._lock:
+            inventory = load_inventory(path)
             self._cached = (path, st.st_mtime_ns, st.st_size, inventory)
         return inventory
 

@@ -100,6 +100,25 @@ def _flow(entrypoint: str):
     return load_flow_from_entrypoint(str(REPO_ROOT / entrypoint))
 
 
+def preload_flows() -> list[str]:
+    """Import every deployment's flow of prefect.yaml now, so that no alert's first run in this
+    process pays for importing its runbook (seconds). A flow that does not load is logged and
+    left for its first run to report."""
+    import yaml
+
+    loaded = []
+    for deployment in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text()).get("deployments", []):
+        entrypoint = deployment.get("entrypoint")
+        if not entrypoint:
+            continue
+        try:
+            _flow(entrypoint)
+            loaded.append(entrypoint)
+        except Exception:
+            log.exception("runner: the flow %s does not load; its runs will fail until it does", entrypoint)
+    return loaded
+
+
 class GatewayClient:
     """The runner's side of ``/runner/*``; every call has a timeout."""
 
@@ -150,8 +169,11 @@ class Runner:
         self._threads: list[threading.Thread] = []
 
     # -- life -------------------------------------------------------------------------------
-    def start(self) -> Runner:
-        """Claim and execute in background threads until ``stop``."""
+    def start(self, preload: bool = True) -> Runner:
+        """Claim and execute in background threads until ``stop``; ``preload``: import every
+        runbook's flow first (before the first claim)."""
+        if preload:
+            preload_flows()
         for target, what in ((self._claim_loop, "claim"), (self._heartbeat_loop, "heartbeat")):
             t = threading.Thread(target=target, name=f"runner-{what}", daemon=True)
             t.start()

@@ -247,6 +247,23 @@ def private_file(path: Path) -> None:
             file.chmod(0o600)
 
 
+#: deliveries one group commit may hold (record_delivery)
+GROUP_MAX = 256
+
+
+class _Pending:
+    """A delivery waiting for its group commit."""
+
+    __slots__ = ("delivery", "alerts", "routes", "now", "done", "result", "error")
+
+    def __init__(self, delivery: Delivery, alerts: list[Alert], routes: list[RouteDecision],
+                 now: datetime) -> None:
+        self.delivery, self.alerts, self.routes, self.now = delivery, alerts, routes, now
+        self.done = False
+        self.result: list[IntakeResult] | None = None
+        self.error: BaseException | None = None
+
+
 class AlertStore:
     def __init__(self, path: Path, retention_days: int = 30) -> None:
         private_file(path)
@@ -257,6 +274,9 @@ class AlertStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
+        self._group = threading.Condition()  # group commit (record_delivery)
+        self._queued: list[_Pending] = []
+        self._writing = False
         self._migrate()
         self._last_prune: datetime | None = None
         self.prune()
@@ -322,37 +342,87 @@ class AlertStore:
     # -- intake -------------------------------------------------------------------------
     def record_delivery(self, delivery: Delivery, alerts: list[Alert],
                         routes: list[RouteDecision]) -> list[IntakeResult]:
-        """One transaction: the delivery, each alert with its disposition, new incidents."""
+        """Record one delivery - each alert with its disposition, new incidents - and return
+        once it is committed.
+
+        Group commit: deliveries that arrive while a transaction is being written wait, and the
+        next writer takes them all (up to ``GROUP_MAX``) into one transaction, each under a
+        savepoint of its own. The decisions are those of one transaction per delivery, in
+        arrival order; a delivery that fails is rolled back alone; none returns before the
+        COMMIT that holds it. A burst costs one commit per batch, not one per delivery."""
         now = delivery.received_at
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = db.execute(
-                    "INSERT INTO deliveries (received_at, source, delivery_id, remote_addr, alerts)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (_ts(now), delivery.source, delivery.delivery_id, delivery.remote_addr, len(alerts)))
-                delivery_row = cur.lastrowid
-                outcomes = [self._decide(db, alert, route, now) for alert, route in zip(alerts, routes)]
-                for o in outcomes:
-                    db.execute(
-                        "INSERT INTO alerts (delivery, received_at, source, status, fingerprint,"
-                        " episode_key, dedup_key, service, severity, summary, disposition,"
-                        " incident_id, route, reason, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (delivery_row, _ts(now), o.alert.source, o.alert.status,
-                         o.alert.fingerprint, o.alert.episode_key, o.alert.dedup_key, o.alert.service,
-                         o.alert.severity.value, o.alert.summary, o.disposition,
-                         o.incident.incident_id if o.incident else None,
-                         o.route.rule if o.route and o.route.routed else None, o.reason,
-                         stored_body(o.alert)))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        job = _Pending(delivery, alerts, routes, now)
+        with self._group:
+            self._queued.append(job)
+            while True:
+                while self._writing and not job.done:
+                    self._group.wait()
+                if job.done:
+                    break
+                self._writing = True
+                batch, self._queued = self._queued[:GROUP_MAX], self._queued[GROUP_MAX:]
+                self._group.release()
+                try:
+                    self._write(batch)
+                finally:
+                    self._group.acquire()
+                    self._writing = False
+                    self._group.notify_all()
+        if job.error is not None:
+            raise job.error
         if self._last_prune is None or now - self._last_prune >= PRUNE_EVERY:
             self.prune(now)
+        assert job.result is not None
+        return job.result
+
+    def _write(self, batch: list[_Pending]) -> None:
+        """One transaction for ``batch``; every job ends done, with its result or its error."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for job in batch:
+                    db.execute("SAVEPOINT delivery")
+                    try:
+                        job.result = self._record(db, job)
+                        db.execute("RELEASE delivery")
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO delivery")
+                        db.execute("RELEASE delivery")
+                        job.result, job.error = None, exc
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                for job in batch:
+                    job.result, job.error = None, job.error or exc
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                for job in batch:
+                    job.done = True
+
+    def _record(self, db: sqlite3.Connection, job: _Pending) -> list[IntakeResult]:
+        delivery, alerts, now = job.delivery, job.alerts, job.now
+        cur = db.execute(
+            "INSERT INTO deliveries (received_at, source, delivery_id, remote_addr, alerts)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (_ts(now), delivery.source, delivery.delivery_id, delivery.remote_addr, len(alerts)))
+        delivery_row = cur.lastrowid
+        outcomes = [self._decide(db, alert, route, now) for alert, route in zip(alerts, job.routes)]
+        for o in outcomes:
+            db.execute(
+                "INSERT INTO alerts (delivery, received_at, source, status, fingerprint,"
+                " episode_key, dedup_key, service, severity, summary, disposition,"
+                " incident_id, route, reason, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (delivery_row, _ts(now), o.alert.source, o.alert.status,
+                 o.alert.fingerprint, o.alert.episode_key, o.alert.dedup_key, o.alert.service,
+                 o.alert.severity.value, o.alert.summary, o.disposition,
+                 o.incident.incident_id if o.incident else None,
+                 o.route.rule if o.route and o.route.routed else None, o.reason,
+                 stored_body(o.alert)))
         return outcomes
 
     def _decide(self, db: sqlite3.Connection, alert: Alert, route: RouteDecision,

@@ -77,6 +77,7 @@ def load_yaml(text: str | bytes) -> Any:
 
 _FILES: dict[tuple[str, str], tuple[tuple[int, int], bytes, Any]] = {}
 _FILES_LOCK = threading.Lock()
+_PARSING = threading.Lock()
 
 
 def cached_file(path: Path, kind: str, parse: Callable[[bytes], T]) -> T:
@@ -91,7 +92,12 @@ def cached_file(path: Path, kind: str, parse: Callable[[bytes], T]) -> T:
         hit = _FILES.get(key)
     if hit is not None and hit[0] == stamp and hit[1] == raw:
         return hit[2]
-    value = parse(raw)
+    with _PARSING:  # one thread parses; the others (a burst of deliveries) then find it parsed
+        with _FILES_LOCK:
+            hit = _FILES.get(key)
+        if hit is not None and hit[0] == stamp and hit[1] == raw:
+            return hit[2]
+        value = parse(raw)
     with _FILES_LOCK:
         _FILES[key] = (stamp, raw, value)
         while len(_FILES) > 64:  # tests write many files; keep the newest
