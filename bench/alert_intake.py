@@ -89,10 +89,12 @@ def names_used(args) -> list[str]:
     names = [f"warm-{i}" for i in range(3)] + [f"lat-{i}" for i in range(args.latency_alerts)]
     names += [f"auto-{i}" for i in range(args.automation_alerts)]
     names += [f"storm-{i}" for i in range(args.storm_distinct)]
-    for prefix, rates, seconds in (("r", args.sustained_rates + [args.runners_rate], args.sustained_s),
+    for prefix, rates, seconds in (("r", args.sustained_rates, args.sustained_s),
                                    ("s", args.intake_rates, 10)):
         for rate in rates:
-            names += [f"{prefix}{rate}-{i}" for i in range(int(rate * seconds * 1.5) + 10)]
+            names += [f"{prefix}{rate:g}-{i}" for i in range(int(rate * seconds * 1.5) + 10)]
+    for n in args.runner_counts:  # service names: letters, digits, dashes
+        names += [f"n{n}r{args.runners_rate:g}-{i}" for i in range(int(args.runners_rate * args.sustained_s * 1.5) + 10)]
     return names
 
 
@@ -193,9 +195,10 @@ def wait_closed(store_path: Path, incident_ids: list[str], timeout_s: float) -> 
         store.close()
 
 
-def sustained_remediations(url: str, store_path: Path, rate: float, seconds: float) -> dict:
+def sustained_remediations(url: str, store_path: Path, rate: float, seconds: float,
+                           prefix: str | None = None) -> dict:
     """Distinct alerts at a steady rate into the runner gateway: every one starts a real run."""
-    result = asyncio.run(steady(url, rate, seconds, f"r{rate}"))
+    result = asyncio.run(steady(url, rate, seconds, prefix or f"r{rate:g}"))
     sent = result.pop("sent")
     t_first = min(sent.values())
     created, running = wait_first_tasks(sent, 600, store_path)
@@ -345,9 +348,10 @@ class RunnerGateway:
             stop_pid(pid, timeout_s=60)
 
 
-def sustained_with_cpu(gw: RunnerGateway, rate: float, seconds: float, server_pids: list[int]) -> dict:
+def sustained_with_cpu(gw: RunnerGateway, rate: float, seconds: float, server_pids: list[int],
+                       prefix: str | None = None) -> dict:
     before = cpu_s(server_pids)
-    result = sustained_remediations(gw.url, gw.store_path, rate, seconds)
+    result = sustained_remediations(gw.url, gw.store_path, rate, seconds, prefix)
     runs = sum(result["outcomes"].values())
     result["runners"] = len(gw.runners)
     result["server_cpu_s_per_run"] = round((cpu_s(server_pids) - before) / max(1, runs), 3)
@@ -411,7 +415,8 @@ def main() -> None:
                 result["runner_processes"] = []
                 for n in args.runner_counts:
                     gw.resize(n)
-                    one = sustained_with_cpu(gw, args.runners_rate, args.sustained_s, server_pids)
+                    one = sustained_with_cpu(gw, args.runners_rate, args.sustained_s, server_pids,
+                                             prefix=f"n{n}r{args.runners_rate:g}")
                     one.pop("sent", None)
                     result["runner_processes"].append(one)
                     progress(result)
@@ -436,7 +441,7 @@ def main() -> None:
             try:
                 if "intake" in parts:
                     result["sustained_intake_only"] = [
-                        {k: v for k, v in asyncio.run(steady(url, rate, 10, f"s{rate}")).items()
+                        {k: v for k, v in asyncio.run(steady(url, rate, 10, f"s{rate:g}")).items()
                          if k != "sent"} for rate in args.intake_rates]
                     progress(result)
                 if "storm" in parts:
