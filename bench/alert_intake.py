@@ -93,8 +93,9 @@ def names_used(args) -> list[str]:
                                    ("s", args.intake_rates, 10)):
         for rate in rates:
             names += [f"{prefix}{rate:g}-{i}" for i in range(int(rate * seconds * 1.5) + 10)]
+    per_count = int(args.runners_rate * args.sustained_s * 1.5) + 10
     for n in args.runner_counts:  # service names: letters, digits, dashes
-        names += [f"n{n}r{args.runners_rate:g}-{i}" for i in range(int(args.runners_rate * args.sustained_s * 1.5) + 10)]
+        names += [f"n{n}r{args.runners_rate:g}-{i}" for i in range(per_count)]
     return names
 
 
