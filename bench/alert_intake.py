@@ -314,9 +314,9 @@ def progress(result: dict) -> None:
 
 def cpu_s(pids: list[int]) -> float:
     """utime+stime of these processes and every process below them (from /proc)."""
-    from run_cost import server_cpu_s
+    from _proc import tree_cpu_s
 
-    return sum(server_cpu_s(pid) for pid in pids)
+    return sum(tree_cpu_s(pid, reaped=False) for pid in pids)
 
 
 class RunnerGateway:

@@ -29,35 +29,10 @@ import time
 from pathlib import Path
 
 from _state import STATE  # noqa: E402  (first: sets the state dir)
+from _proc import tree_cpu_s  # noqa: E402
 
 INTERVAL_S = 0.5
 SLOW_S = 1.0
-
-
-# --------------------------------------------------------------------------- /proc
-def tree_cpu_s(root: int) -> float:
-    """utime+stime of ``root`` and its live descendants, plus what their reaped children used."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, list[str]] = {}
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        stats[int(entry)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        f = stats.get(pid)
-        if f is None:
-            continue
-        total += sum(int(x) for x in f[11:15])  # utime stime cutime cstime
-        todo.extend(children.get(pid, []))
-    return total / ticks
 
 
 # --------------------------------------------------------------------------- the load (child)

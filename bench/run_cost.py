@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _state import STATE  # noqa: E402  (first: sets the state dir)
+from _proc import tree_cpu_s  # noqa: E402
 
 from deployments.stack import free_port, prefect_env, start_prefect_server, stop_pid  # noqa: E402
 
@@ -39,7 +40,6 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNI
 
 PROBES = 3
 INTERVAL_S = 1.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- counting the requests ------------------------------------------------------------------
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -87,35 +87,9 @@ def patch_clients() -> None:
 
 
 # -- the server's CPU -----------------------------------------------------------------------
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children[ppid].append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def server_cpu_s(root: int) -> float:
     """utime+stime of the server process and every process below it (uvicorn, workers)."""
-    ticks = 0
-    for pid in _tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return ticks / CLK_TCK
+    return tree_cpu_s(root, reaped=False)
 
 
 # -- one run ----------------------------------------------------------------------------------
