@@ -106,6 +106,17 @@ def _spawn_runner(url: str, env: dict[str, str], log: Path) -> subprocess.Popen:
                                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def _stop_runners(runners: list[subprocess.Popen]) -> None:
+    """SIGTERM each runner still running (it lets its runs finish), SIGKILL after 60 s."""
+    for r in runners:
+        if r.poll() is None:
+            r.send_signal(signal.SIGTERM)
+            try:
+                r.wait(60)
+            except subprocess.TimeoutExpired:
+                r.kill()
+
+
 def test_a_runner_killed_mid_run_loses_nothing_the_intake_accepted(deployed, healthy_web, state_dir,
                                                                   tmp_path, monkeypatch):
     """Two runner processes; the one running web's remediation (held at web's lock) is killed.
@@ -166,13 +177,7 @@ def test_a_runner_killed_mid_run_loses_nothing_the_intake_accepted(deployed, hea
             assert "changed nothing" in record.summary, record.summary
     finally:
         held.release()
-        for r in runners:
-            if r.poll() is None:
-                r.send_signal(signal.SIGTERM)
-                try:
-                    r.wait(60)
-                except subprocess.TimeoutExpired:
-                    r.kill()
+        _stop_runners(runners)
         store.close()
 
 
@@ -238,12 +243,6 @@ def test_two_runners_heal_one_target_while_the_other_waits_for_a_person(deployed
                        what="parked-1's run did not stand down on the resolve")
             assert store.incident(waiter).outcome == "Resolved Without Action"
     finally:
-        for r in runners:
-            if r.poll() is None:
-                r.send_signal(signal.SIGTERM)
-                try:
-                    r.wait(60)
-                except subprocess.TimeoutExpired:
-                    r.kill()
+        _stop_runners(runners)
         store.close()
         parked.remove(force=True)
