@@ -286,11 +286,16 @@ class Dispatcher:
             log.warning("settled the runs of runners that went away: %s", counts)
         return counts
 
-    def _settle(self, inc: TrackedIncident, why: str) -> str:
+    def _settle(self, inc: TrackedIncident, why: str, requeue: bool = True) -> str:
+        """Settle an incident's run by its state: still Pending -> "requeued" (``requeue``: its
+        claim is dropped so another runner takes it) or "queued" (left as it is); ended ->
+        "closed"; otherwise -> "crashed" (marked Crashed, record closed, escalated, ``why``)."""
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(UUID(str(inc.flow_run_id)))
         state = run.state
         if state is None or state.is_pending() or state.is_scheduled():
+            if not requeue:
+                return "queued"
             self.store.requeue(inc.incident_id)
             with self._queue:
                 self._queue.notify_all()
@@ -338,16 +343,7 @@ class Dispatcher:
             return "started"
         if inc.runner is not None:
             return "claimed"
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(UUID(inc.flow_run_id))
-        state = run.state
-        if state is None or state.is_pending() or state.is_scheduled():
-            return "queued"
-        if state.is_final():
-            self.store.close_incident(inc.incident_id, state.name or state.type.value)
-            return "closed"
-        self._crash_orphan(inc, state.name, "the alert gateway restarted")
-        return "crashed"
+        return self._settle(inc, "the alert gateway restarted", requeue=False)
 
     def _crash_orphan(self, inc: TrackedIncident, was: str | None, cause: str) -> None:
         why = (f"{cause} while this run was {was or 'executing'}; it will not "
